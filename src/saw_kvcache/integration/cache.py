@@ -1,0 +1,193 @@
+"""SawInt4Cache: a transformers Cache whose layers keep keys and values as paged SAW-INT4."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Optional
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from ..config import SawInt4Config
+from ..paged import PagedKVStore
+from . import compat
+
+
+@dataclasses.dataclass
+class SawView:
+    """Attached to the key tensor that `update` returns: lets the saw_int4 attention read the pages.
+
+    `chunk_start` is where the current chunk starts inside that key tensor (0 when only the chunk is returned,
+    `past_length` when the dequantized past is returned in front of it).
+    """
+
+    layer: "SawInt4Layer"
+    past_length: int
+    chunk_start: int
+
+
+class SawInt4Layer(CacheLayerMixin):
+    """One attention layer of a SawInt4Cache.
+
+    `update` returns only the new tokens once the saw_int4 attention has shown that it reads this layer's pages;
+    until then (and for any other attention implementation) it returns the full dequantized keys and values, so
+    every attention implementation computes the right thing.
+    """
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = True
+    supports_early_init = True
+
+    def __init__(self, config: SawInt4Config, layer_idx: int, owner: "SawInt4Cache"):
+        super().__init__()
+        self.store = PagedKVStore(config, layer_idx)
+        self.layer_idx = layer_idx
+        self._owner = owner
+        self._reset_reader_state()
+
+    def _reset_reader_state(self) -> None:
+        self.read_by_saw_attention = False  # the saw_int4 attention consumed a previous update
+        self.awaiting_saw_attention = False  # the last update returned only the new tokens
+        self.returned_full_states = False
+
+    def __repr__(self):
+        return f"SawInt4Layer(layer_idx={self.layer_idx}, tokens={self.store.length})"
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.store._check_input(key_states, value_states)
+        if self.store.batch_size is None:
+            self.store._start(key_states)
+        self.is_initialized = True
+        self.device = key_states.device
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.awaiting_saw_attention:
+            raise RuntimeError(
+                f"SawInt4Cache layer {self.layer_idx}: the previous forward's attention did not read the INT4 cache "
+                "(was the attention implementation changed from 'saw_int4' mid-generation?). Its output was wrong. "
+                "Call cache.reset() and keep one attention implementation per cache."
+            )
+        past = self.store.append(key_states, value_states)
+        self.is_initialized = True
+        self.device = key_states.device
+        if self.read_by_saw_attention:
+            self.awaiting_saw_attention = True
+            keys, values, chunk_start = key_states, value_states, 0
+        else:
+            if past and self.returned_full_states:
+                self._owner._warn_dequantized_fallback()
+            self.returned_full_states = True
+            if past:
+                old_keys, old_values = self.store.dequantize(past)
+                keys, values = torch.cat([old_keys, key_states], 2), torch.cat([old_values, value_states], 2)
+            else:
+                keys, values = key_states, value_states
+            chunk_start = past
+        keys._saw_view = SawView(self, past, chunk_start)
+        return keys, values
+
+    def get_mask_sizes(self, query_length, *args, **kwargs) -> tuple[int, int]:
+        if isinstance(query_length, torch.Tensor):  # older signature: cache_position
+            query_length = query_length.shape[0]
+        return self.store.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.store.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.store.reset()
+        self._reset_reader_state()
+        self.is_initialized = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        self.store.crop(compat.crop_target_length(tokens_to_remove, self.store.length))
+        self.awaiting_saw_attention = False
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.store.select(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.store.batch_size is not None:
+            self.store.select(torch.arange(self.store.batch_size).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.store.batch_size is not None:
+            if indices.dtype == torch.bool:
+                indices = indices.nonzero().flatten()
+            self.store.select(indices)
+
+    def offload(self):
+        raise RuntimeError("SawInt4Cache does not support CPU offloading; its pages already take ~3.8x less memory.")
+
+    def prefetch(self):
+        pass
+
+
+class SawInt4Cache(Cache):
+    """A 4-bit KV cache for transformers (SAW-INT4: Hadamard-rotated asymmetric INT4 in pages).
+
+    Examples:
+        >>> cache = SawInt4Cache()                                    # defaults
+        >>> cache = SawInt4Cache(hadamard_block=64, residual_length=64)
+        >>> cache = SawInt4Cache(config=SawInt4Config(page_size=128))
+        >>> model.generate(input_ids, past_key_values=cache)         # `cache=` on transformers >= 5.24
+
+    Args:
+        config: a SawInt4Config; keyword arguments override its fields (see SawInt4Config for their meaning).
+    """
+
+    def __init__(self, config: Optional[SawInt4Config] = None, **overrides):
+        if config is not None and not isinstance(config, SawInt4Config):
+            raise TypeError(
+                f"SawInt4Cache(config=...) takes a SawInt4Config, got {type(config).__name__}. "
+                "(A model config is not needed: layers are created on first use.)"
+            )
+        unknown = set(overrides) - set(SawInt4Config.field_names())
+        if unknown:
+            raise TypeError(
+                f"SawInt4Cache got unknown arguments {sorted(unknown)}; valid ones are {list(SawInt4Config.field_names())}."
+            )
+        self.config = dataclasses.replace(config or SawInt4Config(), **overrides)
+        super().__init__(layers=[])
+        self._warned_fallback = False
+
+    def __repr__(self):
+        return f"SawInt4Cache({self.config}, layers={len(self.layers)})"
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        while len(self.layers) <= layer_idx:
+            self.layers.append(SawInt4Layer(self.config, len(self.layers), self))
+        return self.layers[layer_idx].update(key_states, value_states)
+
+    def _warn_dequantized_fallback(self) -> None:
+        if not self._warned_fallback:
+            self._warned_fallback = True
+            warnings.warn(
+                "SawInt4Cache is read by an attention implementation other than 'saw_int4', so every step "
+                "dequantizes the whole cache (correct, but slow and memory-hungry). Load the model with "
+                "attn_implementation='saw_int4' (after `import saw_kvcache`) to read the INT4 pages directly.",
+                stacklevel=4,
+            )
+
+    def crop(self, tokens_to_remove: int) -> None:
+        for layer in self.layers:
+            layer.crop(tokens_to_remove)
+
+    def memory_footprint(self) -> int:
+        """Bytes of KV storage the cache holds now: INT4 pages in use (with their scales and offsets), the
+        full-precision window and the centering vectors, summed over layers."""
+        return sum(layer.store.memory_footprint() for layer in self.layers)
+
+    def reserved_bytes(self) -> int:
+        """Bytes allocated for KV storage, free pages of the pools included."""
+        return sum(layer.store.reserved_bytes() for layer in self.layers)
+
+    @property
+    def batch_size(self) -> int:
+        sizes = {layer.store.batch_size for layer in self.layers if layer.store.batch_size is not None}
+        return sizes.pop() if len(sizes) == 1 else -1

@@ -1,0 +1,58 @@
+"""Everything that differs between the supported transformers releases (5.17 to the newest) lives here."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import transformers
+from transformers.generation.utils import GenerationMixin
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+TRANSFORMERS_VERSION = transformers.__version__
+
+
+@functools.lru_cache(maxsize=None)
+def cache_kwarg_name() -> str:
+    """The name under which forward/generate take the cache: `cache` from 5.24, `past_key_values` before."""
+    params = inspect.signature(transformers.LlamaModel.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def crop_target_length(tokens_to_remove: int, length: int) -> int:
+    """`crop(n)`: n <= 0 removes -n tokens; n > 0 is the legacy absolute length (5.17 still accepts it)."""
+    if tokens_to_remove > 0:
+        return min(tokens_to_remove, length)
+    return max(length + tokens_to_remove, 0)
+
+
+def register_attention(name: str, attention_fn) -> None:
+    """Register an attention function and, under the same name, the boolean sdpa-style mask it reads."""
+    ALL_ATTENTION_FUNCTIONS.register(name, attention_fn)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
+
+
+def patch_generate_cache_creation(attn_implementation: str, make_cache) -> None:
+    """Make generate() build `make_cache(model)` instead of a DynamicCache for models using `attn_implementation`,
+    when the caller passed no cache and asked for no other cache_implementation. Idempotent."""
+    original = GenerationMixin._prepare_cache_for_generation
+    if getattr(original, "_saw_kvcache_patched", False):
+        return
+
+    @functools.wraps(original)
+    def prepare_cache(self, generation_config, model_kwargs, *args, **kwargs):
+        user_passed_cache = any(model_kwargs.get(key) is not None for key in ("cache", "past_key_values"))
+        result = original(self, generation_config, model_kwargs, *args, **kwargs)
+        if user_passed_cache or getattr(self.config, "_attn_implementation", None) != attn_implementation:
+            return result
+        if generation_config.cache_implementation not in (None, "dynamic"):
+            return result
+        for key in ("cache", "past_key_values"):
+            created = model_kwargs.get(key)
+            if created is not None and type(created) is transformers.DynamicCache:
+                model_kwargs[key] = make_cache(self)
+        return result
+
+    prepare_cache._saw_kvcache_patched = True
+    GenerationMixin._prepare_cache_for_generation = prepare_cache

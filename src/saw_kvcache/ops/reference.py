@@ -1,0 +1,317 @@
+"""Pure-PyTorch reference implementation of every SAW-INT4 operation.
+
+These functions are the specification: the torch backend runs them on any device, and the Triton kernels are
+tested against them. Shapes use B (batch), H (KV heads), Hq (query heads), D (head dim), P (page size).
+
+Storage format, per token and per KV head:
+  * optional centering: subtract a per-head mean vector (fp32) before rotating;
+  * optional block-diagonal normalized Hadamard rotation (Sylvester H_b / sqrt(b) on blocks of b channels),
+    rounded back to the model dtype;
+  * asymmetric min-max INT4 over the whole head dim: code = floor((x - offset) / scale + 1/2) clamped to [0, 15],
+    offset = min(x), scale = (max(x) - min(x)) / 15 rounded up to the model dtype, so that dequantized values
+    never leave [min, max + scale/2]; two codes per byte, even channel in the low nibble.
+  * scale and offset are stored in the model dtype: 4 bytes per token-head for bf16/fp16 (68 bytes at D=128),
+    8 for fp32.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple, Optional
+
+import torch
+
+# Tokens of cache read per step of the chunked attention: bounds the extra memory of the torch path.
+ATTENTION_CHUNK_TOKENS = 1024
+QUERY_BLOCK = 1024
+
+
+class PagedKV(NamedTuple):
+    """One layer's page pool: codes uint8 [N, H, P, D/2], meta [N, H, P, 2] (scale, offset) in the model dtype."""
+
+    k_codes: torch.Tensor
+    k_meta: torch.Tensor
+    v_codes: torch.Tensor
+    v_meta: torch.Tensor
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Rotation
+# --------------------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _hadamard_cpu(block: int) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < block:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h / math.sqrt(block)).to(torch.float32)
+
+
+def hadamard_matrix(block: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Normalized Sylvester Hadamard matrix H_b / sqrt(b), float32: symmetric, orthogonal and its own inverse."""
+    if block < 1 or block & (block - 1):
+        raise ValueError(f"hadamard block must be a power of two, got {block}")
+    return _hadamard_cpu(block).to(device)
+
+
+def rotate(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Block-diagonal Hadamard rotation of the last dim in float32. It is an involution: rotate(rotate(x)) == x."""
+    x = x.float()
+    if block == 0:
+        return x
+    shape = x.shape
+    return (x.reshape(*shape[:-1], shape[-1] // block, block) @ hadamard_matrix(block, x.device)).reshape(shape)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Quantization
+# --------------------------------------------------------------------------------------------------------------
+
+
+def quantize_int4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric min-max INT4 over the last dim. Returns (codes uint8 [..., D/2], meta [..., 2] in x.dtype)."""
+    if x.shape[-1] % 2:
+        raise ValueError(f"the last dim must be even to pack two INT4 codes per byte, got {x.shape[-1]}")
+    xf = x.float()
+    lo = xf.amin(-1, keepdim=True)  # exact in x.dtype: it is one of x's values
+    hi = xf.amax(-1, keepdim=True)
+    scale_exact = (hi - lo) / 15.0
+    scale = scale_exact.to(x.dtype)
+    # Round the scale up so that the largest value needs no clamping.
+    too_small = scale.float() < scale_exact
+    scale = torch.where(too_small, torch.nextafter(scale, torch.full_like(scale, float("inf"))), scale)
+    scale_f = scale.float()
+    inv_scale = torch.where(scale_f > 0, 1.0 / scale_f, torch.zeros_like(scale_f))
+    q = torch.floor((xf - lo) * inv_scale + 0.5).clamp_(0, 15).to(torch.uint8)
+    codes = q[..., 0::2] | (q[..., 1::2] << 4)
+    meta = torch.cat([scale, lo.to(x.dtype)], dim=-1)
+    return codes, meta
+
+
+def unpack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., D/2] -> uint8 codes [..., D]."""
+    return torch.stack([codes & 0xF, codes >> 4], dim=-1).flatten(-2)
+
+
+def dequantize_int4(codes: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """Inverse of quantize_int4, in float32: offset + code * scale."""
+    meta = meta.float()
+    return meta[..., 1:2] + unpack_int4(codes).float() * meta[..., 0:1]
+
+
+def encode(x: torch.Tensor, mean: Optional[torch.Tensor], block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Center (x - mean, mean [H, D]), rotate, round to x.dtype and quantize. x: [B, H, n, D]."""
+    y = x.float()
+    if mean is not None:
+        y = y - mean[None, :, None, :]
+    y = rotate(y, block).to(x.dtype)
+    return quantize_int4(y)
+
+
+def decode(codes: torch.Tensor, meta: torch.Tensor, mean: Optional[torch.Tensor], block: int) -> torch.Tensor:
+    """Inverse of encode in float32 (up to quantization error). codes [B, H, n, D/2]."""
+    y = rotate(dequantize_int4(codes, meta), block)
+    if mean is not None:
+        y = y + mean[None, :, None, :]
+    return y
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Paged operations (the twins of the Triton kernels)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _page_slots(block_table: torch.Tensor, start: int, count: int, page_size: int):
+    positions = torch.arange(start, start + count, device=block_table.device)
+    pages = block_table[:, positions // page_size].long()  # [B, n]
+    return pages, positions % page_size  # slots [n]
+
+
+def write_pages(
+    pool: PagedKV,
+    block_table: torch.Tensor,
+    start: int,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_mean: Optional[torch.Tensor],
+    value_mean: Optional[torch.Tensor],
+    hadamard_block: int,
+    rotate_values: bool,
+) -> None:
+    """Encode key/value [B, H, n, D] and store them at positions [start, start + n) of each sequence.
+
+    block_table [B, >= ceil((start + n) / P)] int32 holds the page of each sequence's position // P.
+    """
+    n = key.shape[2]
+    if n == 0:
+        return
+    page_size = pool.k_codes.shape[2]
+    pages, slots = _page_slots(block_table, start, n, page_size)
+    v_block = hadamard_block if rotate_values else 0
+    for codes_pool, meta_pool, x, mean, block in (
+        (pool.k_codes, pool.k_meta, key, key_mean, hadamard_block),
+        (pool.v_codes, pool.v_meta, value, value_mean, v_block),
+    ):
+        codes, meta = encode(x, mean, block)
+        # Advanced indices around a slice put their dims first: the target is [B, n, H, ...].
+        codes_pool[pages, :, slots] = codes.transpose(1, 2)
+        meta_pool[pages, :, slots] = meta.transpose(1, 2).to(meta_pool.dtype)
+
+
+def _gather_pages(codes_pool, meta_pool, block_table, start: int, stop: int):
+    """Codes and meta of positions [start, stop) (start page-aligned): [B, H, stop - start, ...]."""
+    page_size = codes_pool.shape[2]
+    first, last = start // page_size, (stop + page_size - 1) // page_size
+    ids = block_table[:, first:last].long()
+    b, n_pages = ids.shape
+    codes = codes_pool[ids].permute(0, 2, 1, 3, 4).reshape(b, codes_pool.shape[1], n_pages * page_size, -1)
+    meta = meta_pool[ids].permute(0, 2, 1, 3, 4).reshape(b, meta_pool.shape[1], n_pages * page_size, 2)
+    count = stop - start
+    return codes[:, :, :count], meta[:, :, :count]
+
+
+def dequantize_pages(
+    pool: PagedKV,
+    block_table: torch.Tensor,
+    num_tokens: int,
+    key_mean: Optional[torch.Tensor],
+    value_mean: Optional[torch.Tensor],
+    hadamard_block: int,
+    rotate_values: bool,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of positions [0, num_tokens), back in the model's frame: [B, H, num_tokens, D] in dtype."""
+    k_codes, k_meta = _gather_pages(pool.k_codes, pool.k_meta, block_table, 0, num_tokens)
+    v_codes, v_meta = _gather_pages(pool.v_codes, pool.v_meta, block_table, 0, num_tokens)
+    keys = decode(k_codes, k_meta, key_mean, hadamard_block)
+    values = decode(v_codes, v_meta, value_mean, hadamard_block if rotate_values else 0)
+    return keys.to(dtype), values.to(dtype)
+
+
+class _OnlineSoftmax:
+    """Running max, denominator and weighted sum of values for queries [B, H, G, nq]."""
+
+    def __init__(self, shape, head_dim, device):
+        self.m = torch.full(shape, float("-inf"), device=device)
+        self.l = torch.zeros(shape, device=device)
+        self.acc = torch.zeros(*shape, head_dim, device=device)
+
+    def add(self, scores: torch.Tensor, values: torch.Tensor) -> None:
+        """scores [B, H, G, nq, C] (masked entries -inf), values [B, H, C, D]."""
+        m_new = torch.maximum(self.m, scores.amax(-1))
+        m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+        alpha = torch.exp(self.m - m_safe)
+        p = torch.exp(scores - m_safe[..., None])
+        self.l = self.l * alpha + p.sum(-1)
+        b, h, g, nq, c = p.shape
+        pv = (p.reshape(b, h, g * nq, c) @ values).reshape(b, h, g, nq, -1)
+        self.acc = self.acc * alpha[..., None] + pv
+        self.m = m_new
+
+    def add_sink(self, sink_logits: torch.Tensor) -> None:
+        """A learned extra logit per query head [H, G] that takes weight but contributes no value."""
+        s = sink_logits[None, :, :, None].float()
+        m_new = torch.maximum(self.m, s)
+        alpha = torch.exp(self.m - m_new)
+        self.l = self.l * alpha + torch.exp(s - m_new)
+        self.acc = self.acc * alpha[..., None]
+        self.m = m_new
+
+    def result(self) -> torch.Tensor:
+        l = torch.where(self.l > 0, self.l, torch.ones_like(self.l))
+        return self.acc / l[..., None]
+
+
+def _scores(q, k, scaling, softcap, bias=None):
+    """q [B, H, G, nq, D], k [B, H, C, D] -> [B, H, G, nq, C]; bias [B, H, G, nq] is added before scaling."""
+    b, h, g, nq, d = q.shape
+    s = (q.reshape(b, h, g * nq, d) @ k.transpose(-1, -2)).reshape(b, h, g, nq, -1)
+    if bias is not None:
+        s = s + bias[..., None]
+    s = s * scaling
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    return s
+
+
+def _apply_mask(scores, mask, q_positions, k_start, k_stop):
+    """Mask scores [B, H, G, nq, C] for key positions [k_start, k_stop).
+
+    mask: None (causal, queries at q_positions), bool [B, 1, nq, total] (True = attend) or additive float.
+    """
+    if mask is None:
+        k_positions = torch.arange(k_start, k_stop, device=scores.device)
+        allowed = k_positions[None, :] <= q_positions[:, None]
+        return scores.masked_fill(~allowed, float("-inf"))
+    m = mask[:, :, :, k_start:k_stop].unsqueeze(1)  # [B, 1, 1, nq, C]
+    if m.dtype == torch.bool:
+        return scores.masked_fill(~m, float("-inf"))
+    return scores + m.float()
+
+
+def paged_attention(
+    query: torch.Tensor,
+    pool: Optional[PagedKV],
+    block_table: Optional[torch.Tensor],
+    num_paged: int,
+    window_key: Optional[torch.Tensor],
+    window_value: Optional[torch.Tensor],
+    chunk_key: Optional[torch.Tensor],
+    chunk_value: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    scaling: float,
+    softcap: Optional[float] = None,
+    sinks: Optional[torch.Tensor] = None,
+    key_mean: Optional[torch.Tensor] = None,
+    value_mean: Optional[torch.Tensor] = None,
+    hadamard_block: int = 0,
+    rotate_values: bool = False,
+) -> torch.Tensor:
+    """Attention of query [B, Hq, nq, D] over, in position order: the INT4 pages (positions [0, num_paged)), the
+    full-precision window [B, H, w, D] and the current chunk [B, H, n, D]. Returns [B, nq, Hq, D] in query.dtype.
+
+    The queries sit at the last nq positions. mask is None (causal) or covers all num_paged + w + n positions.
+    Pages are read ATTENTION_CHUNK_TOKENS at a time with an online softmax, so no full-precision copy of the cache
+    is ever built. Scores use q·k = rot(q)·rot(k - mean) + q·mean, exactly the model's q·k up to quantization.
+    """
+    b, hq, nq, d = query.shape
+    parts = [(window_key, window_value), (chunk_key, chunk_value)]
+    h = next((k.shape[1] for k, _ in parts if k is not None), None) or pool.k_codes.shape[1]
+    g = hq // h
+    total = num_paged + sum(k.shape[2] for k, _ in parts if k is not None)
+    out = torch.empty(b, nq, hq, d, dtype=query.dtype, device=query.device)
+    v_block = hadamard_block if rotate_values else 0
+    for q0 in range(0, nq, QUERY_BLOCK):
+        q1 = min(nq, q0 + QUERY_BLOCK)
+        q = query[:, :, q0:q1].float().reshape(b, h, g, q1 - q0, d)
+        q_positions = torch.arange(total - nq + q0, total - nq + q1, device=query.device)
+        qmask = None if mask is None else mask[:, :, q0:q1]
+        state = _OnlineSoftmax((b, h, g, q1 - q0), d, query.device)
+        if num_paged:
+            q_rot = rotate(q, hadamard_block)
+            bias = None if key_mean is None else torch.einsum("bhgqd,hd->bhgq", q, key_mean.float())
+            chunk = max(ATTENTION_CHUNK_TOKENS // pool.k_codes.shape[2], 1) * pool.k_codes.shape[2]
+            for start in range(0, num_paged, chunk):
+                stop = min(num_paged, start + chunk)
+                k_codes, k_meta = _gather_pages(pool.k_codes, pool.k_meta, block_table, start, stop)
+                v_codes, v_meta = _gather_pages(pool.v_codes, pool.v_meta, block_table, start, stop)
+                scores = _scores(q_rot, dequantize_int4(k_codes, k_meta), scaling, softcap, bias)
+                state.add(_apply_mask(scores, qmask, q_positions, start, stop), dequantize_int4(v_codes, v_meta))
+            # Back to the model's frame: sum p (H v + mean) = H (sum p v) + (sum p) mean.
+            state.acc = rotate(state.acc, v_block)
+            if value_mean is not None:
+                state.acc = state.acc + state.l[..., None] * value_mean.float()[None, :, None, None, :]
+        start = num_paged
+        for keys, values in parts:
+            if keys is None or keys.shape[2] == 0:
+                continue
+            stop = start + keys.shape[2]
+            scores = _scores(q, keys.float(), scaling, softcap)
+            state.add(_apply_mask(scores, qmask, q_positions, start, stop), values.float())
+            start = stop
+        if sinks is not None:
+            state.add_sink(sinks.reshape(h, g))
+        out[:, q0:q1] = state.result().reshape(b, hq, q1 - q0, d).transpose(1, 2).to(query.dtype)
+    return out

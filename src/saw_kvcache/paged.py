@@ -1,0 +1,333 @@
+"""Paged INT4 storage of one attention layer, independent of transformers.
+
+Every sequence of the batch has the same length (transformers pads on the left), so one length and one count of
+quantized tokens serve the whole batch. Position p of sequence b lives:
+  * in the INT4 pages when p < num_paged: page block_table[b, p // P], slot p % P;
+  * otherwise in the full-precision window (the newest `residual_length` tokens), ring slot p % residual_length.
+Pages come from a per-layer pool on the layer's device that grows in chunks; a page freed by crop, reset or a
+beam reorder goes back to the free list. Sequences may share pages after a beam reorder; a shared page is copied
+before anything is written into it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .config import SawInt4Config
+from .ops import PagedKV, get_backend, reference
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The pool grows by at least this fraction of its size, so growth copies are rare (amortized O(1) per token).
+POOL_GROWTH = 0.5
+
+
+class PagedKVStore:
+    def __init__(self, config: SawInt4Config, layer_idx: int):
+        self.config = config
+        self.layer_idx = layer_idx
+        self.pool: Optional[PagedKV] = None
+        self.free_pages: list[int] = []
+        self.reset()
+
+    # ---------------------------------------------------------------------------------------------- bookkeeping
+
+    def reset(self) -> None:
+        """Forget every token; the pool stays allocated and all its pages become free."""
+        self.length = 0
+        self.num_paged = 0
+        self.batch_size: Optional[int] = None
+        self.block_table_host = torch.zeros(0, 0, dtype=torch.int32)
+        self.block_table: Optional[torch.Tensor] = None
+        self.window_key = self.window_value = None
+        self.key_mean = self.value_mean = None
+        self.may_share = False
+        if self.pool is not None:
+            self.free_pages = list(range(self.pool.k_codes.shape[0] - 1, -1, -1))
+
+    @property
+    def page_size(self) -> int:
+        return self.config.page_size
+
+    @property
+    def columns_used(self) -> int:
+        return math.ceil(self.num_paged / self.page_size)
+
+    def _check_input(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        where = f"SawInt4Cache layer {self.layer_idx}"
+        if key.dim() != 4 or value.dim() != 4:
+            raise ValueError(f"{where}: expected key/value states [batch, kv_heads, tokens, head_dim], got {tuple(key.shape)}")
+        if key.shape != value.shape:
+            raise ValueError(
+                f"{where}: keys {tuple(key.shape)} and values {tuple(value.shape)} must have the same shape "
+                "(models whose value head dim differs from the key head dim are not supported)."
+            )
+        if key.dtype not in SUPPORTED_DTYPES or value.dtype != key.dtype:
+            raise ValueError(f"{where}: key/value dtype must be one of float32, float16, bfloat16 (and equal), got {key.dtype}/{value.dtype}.")
+        d, block = key.shape[-1], self.config.hadamard_block
+        if d % 2:
+            raise ValueError(f"{where}: head dim {d} is odd; INT4 packs two values per byte. This model needs an even head dim.")
+        if block and d % block:
+            divisors = [b for b in (2, 4, 8, 16, 32, 64, 128, 256) if d % b == 0 and b <= d]
+            raise ValueError(
+                f"{where}: head dim {d} is not divisible by hadamard_block={block}. "
+                f"Fix: SawInt4Cache(hadamard_block=...) with one of {divisors}, or 0 for no rotation."
+            )
+        if self.batch_size is not None:
+            if key.shape[0] != self.batch_size:
+                raise ValueError(
+                    f"{where}: batch size changed from {self.batch_size} to {key.shape[0]} on a non-empty cache. "
+                    "Call cache.reset() (or use a new SawInt4Cache) before running a different batch."
+                )
+            if key.device != self.device:
+                raise ValueError(
+                    f"{where}: the cache holds tensors on {self.device} but got states on {key.device}. "
+                    "Call cache.reset() before moving the model to another device."
+                )
+            if key.dtype != self.dtype or key.shape[1] != self.num_heads or key.shape[3] != self.head_dim:
+                raise ValueError(
+                    f"{where}: states {tuple(key.shape)} {key.dtype} do not match the cached "
+                    f"[{self.batch_size}, {self.num_heads}, *, {self.head_dim}] {self.dtype}. Call cache.reset() first."
+                )
+
+    def _start(self, key: torch.Tensor) -> None:
+        b, h, _, d = key.shape
+        self.batch_size, self.num_heads, self.head_dim = b, h, d
+        self.device, self.dtype = key.device, key.dtype
+        self.backend = get_backend(self.config.backend, key.device)
+        pool = self.pool
+        if pool is not None and (
+            pool.k_codes.device != key.device
+            or pool.k_meta.dtype != key.dtype
+            or pool.k_codes.shape[1] != h
+            or pool.k_codes.shape[3] * 2 != d
+        ):
+            self.pool, self.free_pages = None, []
+        self.block_table_host = torch.zeros(b, 0, dtype=torch.int32)
+        self.block_table = torch.zeros(b, 0, dtype=torch.int32, device=key.device)
+        r = self.config.residual_length
+        if r:
+            self.window_key = torch.zeros(b, h, r, d, dtype=key.dtype, device=key.device)
+            self.window_value = torch.zeros_like(self.window_key)
+
+    def _grow_pool(self, needed: int) -> None:
+        h, p, d = self.num_heads, self.page_size, self.head_dim
+        old = self.pool.k_codes.shape[0] if self.pool is not None else 0
+        new = old + max(needed - len(self.free_pages), int(old * POOL_GROWTH), 1)
+        kw = dict(device=self.device)
+        grown = PagedKV(
+            torch.empty(new, h, p, d // 2, dtype=torch.uint8, **kw),
+            torch.empty(new, h, p, 2, dtype=self.dtype, **kw),
+            torch.empty(new, h, p, d // 2, dtype=torch.uint8, **kw),
+            torch.empty(new, h, p, 2, dtype=self.dtype, **kw),
+        )
+        if old:
+            for dst, src in zip(grown, self.pool):
+                dst[:old].copy_(src)
+        self.pool = grown
+        self.free_pages = list(range(new - 1, old - 1, -1)) + self.free_pages
+
+    def _take_pages(self, count: int) -> list[int]:
+        if len(self.free_pages) < count:
+            self._grow_pool(count)
+        taken = self.free_pages[-count:]
+        del self.free_pages[-count:]
+        return taken
+
+    def _set_columns(self, first: int, columns: torch.Tensor) -> None:
+        """Write host block-table columns [first, first + k) and mirror them on the device."""
+        stop = first + columns.shape[1]
+        if stop > self.block_table_host.shape[1]:
+            cap = max(stop, int(self.block_table_host.shape[1] * (1 + POOL_GROWTH)))
+            grown = torch.zeros(self.batch_size, cap, dtype=torch.int32)
+            grown[:, : self.block_table_host.shape[1]] = self.block_table_host
+            self.block_table_host = grown
+            self.block_table = grown.to(self.device)
+        self.block_table_host[:, first:stop] = columns
+        self.block_table[:, first:stop].copy_(columns)
+
+    def _reserve(self, num_tokens: int) -> None:
+        """Give every sequence pages for positions [0, num_tokens), and make the page written next private."""
+        have, need = self.columns_used, math.ceil(num_tokens / self.page_size)
+        if self.may_share and self.num_paged % self.page_size:
+            self._unshare_column(have - 1)
+        if need > have:
+            ids = self._take_pages(self.batch_size * (need - have))
+            self._set_columns(have, torch.tensor(ids, dtype=torch.int32).view(self.batch_size, need - have))
+
+    def _unshare_column(self, column: int) -> None:
+        ids = self.block_table_host[:, column]
+        if torch.unique(ids).numel() == ids.numel():
+            return
+        seen: set[int] = set()
+        new_ids = ids.clone()
+        for row, page in enumerate(ids.tolist()):
+            if page in seen:
+                (fresh,) = self._take_pages(1)
+                for tensor in self.pool:
+                    tensor[fresh].copy_(tensor[page])
+                new_ids[row] = fresh
+            seen.add(page)
+        self._set_columns(column, new_ids[:, None])
+
+    def _release_columns(self, first: int) -> None:
+        used = self.block_table_host[:, first : self.columns_used]
+        if used.numel():
+            self.free_pages.extend(torch.unique(used).tolist())
+
+    # ---------------------------------------------------------------------------------------------- centering
+
+    def _estimate_means(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        self.key_mean = self._mean_for(key, self.config.center_keys, self.config.hadamard_block)
+        v_block = self.config.hadamard_block if self.config.rotate_values else 0
+        self.value_mean = self._mean_for(value, self.config.center_values, v_block)
+
+    @staticmethod
+    def _mean_for(x: torch.Tensor, mode, block: int) -> Optional[torch.Tensor]:
+        """Per-KV-head mean [H, D] of the first forward's tokens; with "auto", zero for the heads where centering
+        does not at least halve the mean per-token range of the rotated vectors."""
+        if mode is False:
+            return None
+        xf = x.float()
+        mean = xf.mean(dim=(0, 2))
+        if mode == "auto":
+            rotated = reference.rotate(xf, block)
+            centered = reference.rotate(xf - mean[None, :, None, :], block)
+            span = lambda y: (y.amax(-1) - y.amin(-1)).mean(dim=(0, 2))  # noqa: E731
+            keep = span(centered) <= 0.5 * span(rotated)
+            if not bool(keep.any()):
+                return None
+            mean = mean * keep[:, None]
+        return mean
+
+    # ---------------------------------------------------------------------------------------------- tokens
+
+    def append(self, key: torch.Tensor, value: torch.Tensor) -> int:
+        """Store key/value [B, H, n, D] after the cached tokens. Returns the length before the call."""
+        self._check_input(key, value)
+        if self.batch_size is None:
+            self._start(key)
+        n = key.shape[2]
+        past = self.length
+        if n == 0:
+            return past
+        if self.key_mean is None and self.value_mean is None and past == 0 and self.num_paged == 0:
+            self._estimate_means(key, value)
+        new_length = past + n
+        r = self.config.residual_length
+        new_paged = max(self.num_paged, new_length - r)
+        if new_paged > self.num_paged:
+            from_window = self._window(self.num_paged, min(new_paged, past))
+            from_chunk = (key[:, :, : new_paged - past], value[:, :, : new_paged - past]) if new_paged > past else None
+            parts = [p for p in (from_window, from_chunk) if p is not None and p[0].shape[2]]
+            k_new = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts], 2)
+            v_new = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts], 2)
+            self._reserve(new_paged)
+            self.backend.write_pages(
+                self.pool, self.block_table, self.num_paged, k_new, v_new,
+                self.key_mean, self.value_mean, self.config.hadamard_block, self.config.rotate_values,
+            )
+        if r:
+            first = max(past, new_paged)
+            if new_length > first:
+                slots = torch.arange(first, new_length, device=self.device) % r
+                self.window_key[:, :, slots] = key[:, :, first - past :]
+                self.window_value[:, :, slots] = value[:, :, first - past :]
+        self.num_paged = new_paged
+        self.length = new_length
+        return past
+
+    def _window(self, start: int, stop: int):
+        """Full-precision keys/values of positions [start, stop) (all in the window), in position order."""
+        if stop <= start:
+            return None
+        r = self.config.residual_length
+        s0 = start % r
+        if s0 + (stop - start) <= r:
+            return self.window_key[:, :, s0 : s0 + stop - start], self.window_value[:, :, s0 : s0 + stop - start]
+        idx = torch.arange(start, stop, device=self.device) % r
+        return self.window_key[:, :, idx], self.window_value[:, :, idx]
+
+    def attend(self, query, chunk_key, chunk_value, past_length: int, mask, scaling, softcap=None, sinks=None):
+        """Attention of query [B, Hq, nq, D] over the tokens cached before position `past_length` plus the
+        full-precision current chunk (positions [past_length, past_length + n)). Returns [B, nq, Hq, D]."""
+        pages_end = min(self.num_paged, past_length)
+        window = self._window(pages_end, past_length) or (None, None)
+        return self.backend.paged_attention(
+            query, self.pool, self.block_table, pages_end, window[0], window[1], chunk_key, chunk_value, mask,
+            scaling, softcap, sinks, self.key_mean, self.value_mean, self.config.hadamard_block,
+            self.config.rotate_values,
+        )
+
+    def dequantize(self, stop: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of positions [0, stop) in the model's frame and dtype: [B, H, stop, D]."""
+        stop = self.length if stop is None else stop
+        pages_end = min(self.num_paged, stop)
+        keys, values = self.backend.dequantize_pages(
+            self.pool, self.block_table, pages_end, self.key_mean, self.value_mean,
+            self.config.hadamard_block, self.config.rotate_values, self.dtype,
+        ) if pages_end else (None, None)
+        window = self._window(pages_end, stop)
+        parts = [p for p in ((keys, values), window) if p is not None and p[0] is not None]
+        if not parts:
+            empty = torch.empty(self.batch_size, self.num_heads, 0, self.head_dim, dtype=self.dtype, device=self.device)
+            return empty, empty
+        return torch.cat([p[0] for p in parts], 2), torch.cat([p[1] for p in parts], 2)
+
+    # ---------------------------------------------------------------------------------------------- edits
+
+    def crop(self, new_length: int) -> None:
+        """Keep positions [0, new_length)."""
+        if new_length >= self.length:
+            return
+        new_length = max(new_length, 0)
+        if new_length < self.num_paged:
+            keep_columns = math.ceil(new_length / self.page_size)
+            self._release_columns(keep_columns)
+            self.num_paged = new_length
+        self.length = new_length
+
+    def select(self, indices: torch.Tensor) -> None:
+        """Make sequence i a copy of old sequence indices[i] (beam reorder, repeat, select). Pages are shared."""
+        if self.batch_size is None:
+            return
+        idx = indices.detach().to("cpu", torch.long)
+        used = self.block_table_host[:, : self.columns_used]
+        new = used[idx]
+        if used.numel():
+            kept = set(torch.unique(new).tolist())
+            self.free_pages.extend(p for p in torch.unique(used).tolist() if p not in kept)
+        self.batch_size = idx.numel()
+        self.block_table_host = torch.zeros(self.batch_size, 0, dtype=torch.int32)
+        self.block_table = torch.zeros(self.batch_size, 0, dtype=torch.int32, device=self.device)
+        if new.numel():
+            self._set_columns(0, new)
+        if self.window_key is not None:
+            dev_idx = idx.to(self.device)
+            self.window_key = self.window_key.index_select(0, dev_idx)
+            self.window_value = self.window_value.index_select(0, dev_idx)
+        self.may_share = True
+
+    # ---------------------------------------------------------------------------------------------- memory
+
+    def page_bytes(self) -> int:
+        return sum(t[0].numel() * t.element_size() for t in self.pool) if self.pool is not None else 0
+
+    def pages_in_use(self) -> int:
+        used = self.block_table_host[:, : self.columns_used]
+        return torch.unique(used).numel() if self.may_share else used.numel()
+
+    def memory_footprint(self) -> int:
+        """Bytes of the pages in use, the window and the centering vectors."""
+        total = self.pages_in_use() * self.page_bytes()
+        for t in (self.window_key, self.window_value, self.key_mean, self.value_mean):
+            if t is not None:
+                total += t.numel() * t.element_size()
+        return total
+
+    def reserved_bytes(self) -> int:
+        """Bytes of the whole pool, free pages included, plus the window."""
+        pool = sum(t.numel() * t.element_size() for t in self.pool) if self.pool is not None else 0
+        return pool + self.memory_footprint() - self.pages_in_use() * self.page_bytes()
