@@ -6,6 +6,8 @@ A backend provides the same three functions with the same signatures as ``refere
 
 from __future__ import annotations
 
+import functools
+import os
 from types import SimpleNamespace
 
 import torch
@@ -21,25 +23,53 @@ TORCH_BACKEND = SimpleNamespace(
 )
 
 
+@functools.lru_cache(maxsize=None)
+def _triton_backend() -> SimpleNamespace:
+    from . import triton_kernels
+
+    return SimpleNamespace(
+        name="triton",
+        write_pages=triton_kernels.write_pages,
+        paged_attention=triton_kernels.paged_attention,
+        dequantize_pages=triton_kernels.dequantize_pages,
+    )
+
+
 def triton_unavailable_reason(device: torch.device) -> str | None:
     """Why backend="triton" cannot run on this device, or None if it can."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed (pip install triton)"
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if device.type == "cuda":
+        if interpret:
+            return "TRITON_INTERPRET=1 is set, which runs kernels on the CPU only; unset it to use the GPU"
+        if torch.cuda.get_device_capability(device)[0] < 8:
+            return "the kernels need a GPU of compute capability 8.0 or newer (bfloat16 tensor cores)"
+        return None
+    if device.type == "cpu" and interpret:
+        return None
     return (
-        "this version of saw_kvcache has no fused Triton kernels yet (they are planned); "
-        "use backend='torch' or 'auto'"
+        f"the Triton kernels run on CUDA GPUs (or on the CPU under TRITON_INTERPRET=1, set before triton is "
+        f"imported), not on {device.type}"
     )
 
 
 def get_backend(name: str, device: torch.device) -> SimpleNamespace:
-    """Resolve "auto", "torch" or "triton" for tensors on `device`."""
+    """Resolve "auto", "torch" or "triton" for tensors on `device`. "auto" is Triton on CUDA, else torch."""
     if name == "torch":
         return TORCH_BACKEND
-    reason = triton_unavailable_reason(device)
     if name == "triton":
+        reason = triton_unavailable_reason(device)
         if reason is not None:
-            raise RuntimeError(f"SawInt4Cache(backend='triton') cannot run on {device}: {reason}.")
+            raise RuntimeError(f"SawInt4Cache(backend='triton') cannot run on {device}: {reason}. Use backend='torch'.")
+        return _triton_backend()
     if name == "auto":
+        if device.type == "cuda" and triton_unavailable_reason(device) is None:
+            return _triton_backend()
         return TORCH_BACKEND
     raise ValueError(f"unknown backend {name!r}; expected 'auto', 'torch' or 'triton'")
 
 
-__all__ = ["PagedKV", "get_backend", "reference", "TORCH_BACKEND"]
+__all__ = ["PagedKV", "get_backend", "reference", "TORCH_BACKEND", "triton_unavailable_reason"]

@@ -56,13 +56,29 @@ def hadamard_matrix(block: int, device: torch.device | str = "cpu") -> torch.Ten
     return _hadamard_cpu(block).to(device)
 
 
+def hadamard_scale(block: int) -> float:
+    """1/sqrt(block) rounded to float32: the normalization every implementation multiplies by last."""
+    return torch.tensor(1.0 / math.sqrt(block), dtype=torch.float32).item()
+
+
 def rotate(x: torch.Tensor, block: int) -> torch.Tensor:
-    """Block-diagonal Hadamard rotation of the last dim in float32. It is an involution: rotate(rotate(x)) == x."""
+    """Block-diagonal normalized Hadamard rotation of the last dim, in float32: x @ blockdiag(H_b / sqrt(b)).
+
+    Computed as the fast Walsh-Hadamard butterfly (log2(b) rounds of (a + b, a - b) on channel pairs h apart,
+    h = 1, 2, ..., b/2), then one multiplication by hadamard_scale(b). The kernels do the same operations in the
+    same order, so both give bit-identical results. It is an involution: rotate(rotate(x)) == x up to rounding.
+    """
     x = x.float()
     if block == 0:
         return x
-    shape = x.shape
-    return (x.reshape(*shape[:-1], shape[-1] // block, block) @ hadamard_matrix(block, x.device)).reshape(shape)
+    shape, d = x.shape, x.shape[-1]
+    h = 1
+    while h < block:
+        y = x.reshape(-1, d // (2 * h), 2, h)
+        a, b = y[:, :, 0], y[:, :, 1]
+        x = torch.stack([a + b, a - b], dim=2)
+        h *= 2
+    return x.reshape(shape) * hadamard_scale(block)
 
 
 # --------------------------------------------------------------------------------------------------------------

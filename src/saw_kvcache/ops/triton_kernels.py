@@ -1,0 +1,527 @@
+"""Fused Triton kernels for SAW-INT4 paged storage. Each public function has the signature of its twin in
+`reference.py`, which is its specification and test oracle.
+
+  * write_pages: center, Hadamard-rotate, quantize, pack and scatter new tokens into pages (one launch per K/V);
+    bit-identical to the twin (same float32 operations in the same order, no FMA contraction).
+  * paged_attention: decode and chunked-prefill attention over INT4 pages + full-precision window + exact chunk.
+    All query heads of one KV head share one program (GQA), queries are rotated in-kernel, q·mean is added to
+    the scores and the value rotation and mean are undone before the full-precision part. The sequence is split
+    over programs (flash-decoding) when queries alone do not fill the GPU; a second kernel merges the splits.
+    Keys are never dequantized element by element: scores = scale * (q · codes) + sum(q) * offset, and
+    p @ V = (p * scale) @ codes + p · offset, with the 4-bit codes fed to tl.dot as exact small integers.
+  * dequantize_pages: pages back to the model frame (fallbacks, export, debugging).
+
+No launcher synchronizes with the GPU or reads GPU values on the host; grids depend on host integers only.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import PagedKV, hadamard_scale
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _log2(block: int) -> int:
+    return int(math.log2(block)) if block else 0
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _programs_wanted(device: torch.device) -> int:
+    return 4 if device.type != "cuda" else 2 * _sm_count(device.index or 0)
+
+
+@triton.jit
+def _fwht(x, ROWS: tl.constexpr, D: tl.constexpr, LOG_BLOCK: tl.constexpr, SCALE: tl.constexpr):
+    """Block-diagonal Hadamard rotation of the rows of a [ROWS, D] float32 tile (butterfly, then * SCALE)."""
+    for i in tl.static_range(LOG_BLOCK):
+        h: tl.constexpr = 1 << i
+        y = tl.permute(tl.reshape(x, (ROWS, D // (2 * h), 2, h)), (0, 1, 3, 2))
+        a, b = tl.split(y)
+        x = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), (ROWS, D))
+    if LOG_BLOCK > 0:
+        x = x * SCALE
+    return x
+
+
+@triton.jit
+def _round_to(x, ty: tl.constexpr):
+    """float32 -> ty with round-to-nearest-even. For bfloat16 it is done on the bits, because Triton's CPU
+    interpreter truncates instead (the GPU rounds to nearest even, as this does)."""
+    if ty == tl.bfloat16:
+        bits = x.to(tl.int32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(ty)
+
+
+@triton.jit
+def _small_ints_to(codes, ty: tl.constexpr):
+    """INT4 codes -> exact floats of type ty (through float32: the CPU interpreter converts u8 -> bf16 wrongly)."""
+    return codes.to(tl.float32).to(ty)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# write
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _write_kernel(
+    X, stride_xb, stride_xh, stride_xn,
+    MEAN, CODES, META, BT, stride_btb,
+    start, n, H,
+    HAS_MEAN: tl.constexpr, D: tl.constexpr, P: tl.constexpr, T: tl.constexpr,
+    LOG_BLOCK: tl.constexpr, SCALE: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    t = pid_t * T + tl.arange(0, T)
+    t_ok = t < n
+    d = tl.arange(0, D)
+    x = tl.load(X + b * stride_xb + h * stride_xh + t[:, None] * stride_xn + d[None, :], mask=t_ok[:, None], other=0.0)
+    x = x.to(tl.float32)
+    if HAS_MEAN:
+        x = x - tl.load(MEAN + h * D + d)[None, :]
+    x = _fwht(x, T, D, LOG_BLOCK, SCALE)
+    meta_ty = META.dtype.element_ty
+    x = _round_to(x, meta_ty).to(tl.float32)
+    lo = tl.min(x, axis=1)
+    hi = tl.max(x, axis=1)
+    scale_exact = tl.fdiv(hi - lo, 15.0, ieee_rounding=True)
+    scale = _round_to(scale_exact, meta_ty)
+    # Round the scale up to the next representable value when rounding went down (as torch.nextafter).
+    if meta_ty == tl.float32:
+        bits = scale.to(tl.int32, bitcast=True)
+        scale = tl.where(scale.to(tl.float32) < scale_exact, bits + 1, bits).to(tl.float32, bitcast=True)
+    elif meta_ty == tl.bfloat16:
+        bits = scale.to(tl.int16, bitcast=True)
+        scale = tl.where(scale.to(tl.float32) < scale_exact, bits + 1, bits).to(tl.bfloat16, bitcast=True)
+    else:
+        bits = scale.to(tl.int16, bitcast=True)
+        scale = tl.where(scale.to(tl.float32) < scale_exact, bits + 1, bits).to(tl.float16, bitcast=True)
+    scale_f = scale.to(tl.float32)
+    nonzero = tl.where(scale_f > 0, scale_f, 1.0)
+    inv = tl.where(scale_f > 0, tl.fdiv(tl.full(scale_f.shape, 1.0, tl.float32), nonzero, ieee_rounding=True), 0.0)
+    q = tl.floor((x - lo[:, None]) * inv[:, None] + 0.5)
+    q = tl.minimum(tl.maximum(q, 0.0), 15.0).to(tl.uint8)
+    even, odd = tl.split(tl.reshape(q, (T, D // 2, 2)))
+    packed = even | (odd << 4)
+    pos = start + t
+    page = tl.load(BT + b * stride_btb + pos // P, mask=t_ok, other=0)
+    row = (page.to(tl.int64) * H + h) * P + pos % P
+    tl.store(CODES + row[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :], packed, mask=t_ok[:, None])
+    tl.store(META + row * 2, scale, mask=t_ok)
+    tl.store(META + row * 2 + 1, _round_to(lo, meta_ty), mask=t_ok)
+
+
+def write_pages(
+    pool: PagedKV,
+    block_table: torch.Tensor,
+    start: int,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_mean: Optional[torch.Tensor],
+    value_mean: Optional[torch.Tensor],
+    hadamard_block: int,
+    rotate_values: bool,
+) -> None:
+    """Same contract as reference.write_pages."""
+    b, h, n, d = key.shape
+    if n == 0:
+        return
+    page_size = pool.k_codes.shape[2]
+    tokens = 16
+    grid = (triton.cdiv(n, tokens), b * h)
+    for x, mean, codes, meta, block in (
+        (key, key_mean, pool.k_codes, pool.k_meta, hadamard_block),
+        (value, value_mean, pool.v_codes, pool.v_meta, hadamard_block if rotate_values else 0),
+    ):
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        _write_kernel[grid](
+            x, x.stride(0), x.stride(1), x.stride(2),
+            mean if mean is not None else codes, codes, meta, block_table, block_table.stride(0),
+            start, n, h,
+            HAS_MEAN=mean is not None, D=d, P=page_size, T=tokens,
+            LOG_BLOCK=_log2(block), SCALE=hadamard_scale(block) if block else 1.0,
+            enable_fp_fusion=False,
+        )
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# dequantize
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dequantize_kernel(
+    CODES, META, BT, stride_btb, MEAN, OUT, stride_ob, stride_oh, stride_on,
+    num_tokens, H,
+    HAS_MEAN: tl.constexpr, D: tl.constexpr, P: tl.constexpr, LOG_BLOCK: tl.constexpr, SCALE: tl.constexpr,
+):
+    col = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    slot = tl.arange(0, P)
+    pos = col * P + slot
+    ok = pos < num_tokens
+    page = tl.load(BT + b * stride_btb + col)
+    row = (page.to(tl.int64) * H + h) * P + slot
+    codes = tl.load(CODES + row[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :], mask=ok[:, None], other=0)
+    scale = tl.load(META + row * 2, mask=ok, other=0.0).to(tl.float32)
+    offset = tl.load(META + row * 2 + 1, mask=ok, other=0.0).to(tl.float32)
+    q = tl.reshape(tl.join((codes & 15).to(tl.float32), (codes >> 4).to(tl.float32)), (P, D))
+    x = offset[:, None] + q * scale[:, None]
+    x = _fwht(x, P, D, LOG_BLOCK, SCALE)
+    d = tl.arange(0, D)
+    if HAS_MEAN:
+        x = x + tl.load(MEAN + h * D + d)[None, :]
+    out = OUT + b * stride_ob + h * stride_oh + pos[:, None] * stride_on + d[None, :]
+    tl.store(out, _round_to(x, OUT.dtype.element_ty), mask=ok[:, None])
+
+
+def dequantize_pages(
+    pool: PagedKV,
+    block_table: torch.Tensor,
+    num_tokens: int,
+    key_mean: Optional[torch.Tensor],
+    value_mean: Optional[torch.Tensor],
+    hadamard_block: int,
+    rotate_values: bool,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as reference.dequantize_pages."""
+    b = block_table.shape[0]
+    _, h, page_size, half = pool.k_codes.shape
+    d = 2 * half
+    outs = []
+    for codes, meta, mean, block in (
+        (pool.k_codes, pool.k_meta, key_mean, hadamard_block),
+        (pool.v_codes, pool.v_meta, value_mean, hadamard_block if rotate_values else 0),
+    ):
+        out = torch.empty(b, h, num_tokens, d, dtype=dtype, device=codes.device)
+        if num_tokens:
+            _dequantize_kernel[(triton.cdiv(num_tokens, page_size), b * h)](
+                codes, meta, block_table, block_table.stride(0), mean if mean is not None else meta,
+                out, out.stride(0), out.stride(1), out.stride(2), num_tokens, h,
+                HAS_MEAN=mean is not None, D=d, P=page_size,
+                LOG_BLOCK=_log2(block), SCALE=hadamard_scale(block) if block else 1.0,
+                enable_fp_fusion=False,
+            )
+        outs.append(out)
+    return outs[0], outs[1]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# attention
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _online_softmax_step(scores, m_i, l_i):
+    """Returns (p, alpha, m_new, l_new) for scores [M, N] with -inf for masked entries."""
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(scores - m_safe[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
+
+
+@triton.jit
+def _scale_and_cap(scores, scaling, softcap, HAS_SOFTCAP: tl.constexpr):
+    scores = scores * scaling
+    if HAS_SOFTCAP:
+        # tanh(x) = 1 - 2 / (exp(2x) + 1), stable at both ends
+        scores = softcap * (1.0 - 2.0 / (tl.exp(2.0 * scores / softcap) + 1.0))
+    return scores
+
+
+@triton.jit
+def _attention_kernel(
+    Q, sq_b, sq_h, sq_n,
+    KC, KM, VC, VM, BT, s_bt,
+    KMEAN, VMEAN,
+    RK, RV, sr_b, sr_h, sr_n,
+    MASK, sm_b, sm_q,
+    SINKS,
+    OUT, so_b, so_n, so_h,
+    PART_M, PART_L, PART_ACC,
+    num_paged, n_raw, nq, total, pages_per_split, H, num_splits, num_q_blocks,
+    scaling, softcap,
+    G: tl.constexpr, BLOCK_Q: tl.constexpr, M: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    LOG_BLOCK: tl.constexpr, SCALE: tl.constexpr, V_LOG_BLOCK: tl.constexpr, V_SCALE: tl.constexpr,
+    HAS_KMEAN: tl.constexpr, HAS_VMEAN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_SINKS: tl.constexpr, SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+):
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    s = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    rows = tl.arange(0, M)
+    g = rows // BLOCK_Q
+    qi = qb * BLOCK_Q + rows % BLOCK_Q
+    row_ok = (g < G) & (qi < nq)
+    q_pos = total - nq + qi
+    d = tl.arange(0, D)
+    if DOT_IN_FP32:
+        dot_ty: tl.constexpr = tl.float32
+    else:
+        dot_ty: tl.constexpr = Q.dtype.element_ty
+    q = tl.load(
+        Q + b * sq_b + (h * G + g)[:, None] * sq_h + qi[:, None] * sq_n + d[None, :], mask=row_ok[:, None], other=0.0
+    ).to(tl.float32)
+
+    m_i = tl.full([M], float("-inf"), tl.float32)
+    l_i = tl.zeros([M], tl.float32)
+    acc = tl.zeros([M, D], tl.float32)
+
+    # INT4 pages, in the rotated (and centered) frame.
+    n_pages = tl.cdiv(num_paged, P)
+    p0 = s * pages_per_split
+    p1 = tl.minimum(p0 + pages_per_split, n_pages)
+    if p1 > p0:
+        q_rot = _fwht(q, M, D, LOG_BLOCK, SCALE)
+        q_sum = tl.sum(q_rot, axis=1)
+        if HAS_KMEAN:
+            q_bias = tl.sum(q * tl.load(KMEAN + h * D + d)[None, :], axis=1)
+        else:
+            q_bias = tl.zeros([M], tl.float32)
+        q_even, q_odd = tl.split(tl.reshape(q_rot, (M, D // 2, 2)))
+        q_even = q_even.to(dot_ty)
+        q_odd = q_odd.to(dot_ty)
+        acc_even = tl.zeros([M, D // 2], tl.float32)
+        acc_odd = tl.zeros([M, D // 2], tl.float32)
+        off_acc = tl.zeros([M], tl.float32)
+        slot = tl.arange(0, P)
+        half = tl.arange(0, D // 2)
+        for pg in range(p0, p1):
+            page = tl.load(BT + b * s_bt + pg).to(tl.int64)
+            pos = pg * P + slot
+            kv_ok = pos < num_paged
+            row = (page * H + h) * P + slot
+            k_codes = tl.load(KC + row[:, None] * (D // 2) + half[None, :])
+            k_scale = tl.load(KM + row * 2, mask=kv_ok, other=0.0).to(tl.float32)
+            k_off = tl.load(KM + row * 2 + 1, mask=kv_ok, other=0.0).to(tl.float32)
+            sc = tl.dot(q_even, tl.trans(_small_ints_to(k_codes & 15, dot_ty)), input_precision=DOT_PRECISION)
+            sc += tl.dot(q_odd, tl.trans(_small_ints_to(k_codes >> 4, dot_ty)), input_precision=DOT_PRECISION)
+            sc = sc * k_scale[None, :] + q_sum[:, None] * k_off[None, :] + q_bias[:, None]
+            sc = _scale_and_cap(sc, scaling, softcap, HAS_SOFTCAP)
+            ok = kv_ok[None, :] & row_ok[:, None]
+            if HAS_MASK:
+                ok = ok & (tl.load(MASK + b * sm_b + qi[:, None] * sm_q + pos[None, :], mask=ok, other=0) != 0)
+            sc = tl.where(ok, sc, float("-inf"))
+            p, alpha, m_i, l_i = _online_softmax_step(sc, m_i, l_i)
+            v_codes = tl.load(VC + row[:, None] * (D // 2) + half[None, :])
+            v_scale = tl.load(VM + row * 2, mask=kv_ok, other=0.0).to(tl.float32)
+            v_off = tl.load(VM + row * 2 + 1, mask=kv_ok, other=0.0).to(tl.float32)
+            p_scaled = (p * v_scale[None, :]).to(dot_ty)
+            acc_even = acc_even * alpha[:, None] + tl.dot(
+                p_scaled, _small_ints_to(v_codes & 15, dot_ty), input_precision=DOT_PRECISION
+            )
+            acc_odd = acc_odd * alpha[:, None] + tl.dot(
+                p_scaled, _small_ints_to(v_codes >> 4, dot_ty), input_precision=DOT_PRECISION
+            )
+            off_acc = off_acc * alpha + tl.sum(p * v_off[None, :], axis=1)
+        acc = tl.reshape(tl.join(acc_even, acc_odd), (M, D)) + off_acc[:, None]
+        # Back to the model's frame: sum p (H v + mean) = H (sum p v) + (sum p) mean.
+        acc = _fwht(acc, M, D, V_LOG_BLOCK, V_SCALE)
+        if HAS_VMEAN:
+            acc += l_i[:, None] * tl.load(VMEAN + h * D + d)[None, :]
+
+    # Full-precision window and current chunk (the last split), in the model's frame.
+    if s == num_splits - 1:
+        q_dot = q.to(dot_ty)
+        cols = tl.arange(0, BLOCK_N)
+        raw_start = total - n_raw
+        for n0 in range(0, n_raw, BLOCK_N):
+            j = n0 + cols
+            j_ok = j < n_raw
+            offs = b * sr_b + h * sr_h + j[:, None] * sr_n + d[None, :]
+            k = tl.load(RK + offs, mask=j_ok[:, None], other=0.0).to(dot_ty)
+            sc = _scale_and_cap(tl.dot(q_dot, tl.trans(k), input_precision=DOT_PRECISION), scaling, softcap, HAS_SOFTCAP)
+            pos = raw_start + j
+            ok = j_ok[None, :] & row_ok[:, None]
+            if HAS_MASK:
+                ok = ok & (tl.load(MASK + b * sm_b + qi[:, None] * sm_q + pos[None, :], mask=ok, other=0) != 0)
+            else:
+                ok = ok & (pos[None, :] <= q_pos[:, None])
+            sc = tl.where(ok, sc, float("-inf"))
+            p, alpha, m_i, l_i = _online_softmax_step(sc, m_i, l_i)
+            v = tl.load(RV + offs, mask=j_ok[:, None], other=0.0).to(dot_ty)
+            acc = acc * alpha[:, None] + tl.dot(p.to(dot_ty), v, input_precision=DOT_PRECISION)
+
+    if SINGLE_SPLIT:
+        _finish_and_store(acc, m_i, l_i, SINKS, OUT, b, h, g, qi, row_ok, so_b, so_n, so_h, G, D, HAS_SINKS)
+    else:
+        part = ((bh * num_q_blocks + qb) * num_splits + s) * M + rows
+        tl.store(PART_M + part, m_i)
+        tl.store(PART_L + part, l_i)
+        tl.store(PART_ACC + part[:, None] * D + d[None, :], acc)
+
+
+@triton.jit
+def _finish_and_store(acc, m_i, l_i, SINKS, OUT, b, h, g, qi, row_ok, so_b, so_n, so_h, G, D: tl.constexpr,
+                      HAS_SINKS: tl.constexpr):
+    if HAS_SINKS:
+        sink = tl.load(SINKS + h * G + g, mask=row_ok, other=0.0).to(tl.float32)
+        m_new = tl.maximum(m_i, sink)
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.exp(sink - m_new)
+        acc = acc * alpha[:, None]
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    d = tl.arange(0, D)
+    ptr = OUT + b * so_b + qi[:, None] * so_n + (h * G + g)[:, None] * so_h + d[None, :]
+    tl.store(ptr, _round_to(out, OUT.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _merge_splits_kernel(
+    PART_M, PART_L, PART_ACC, SINKS, OUT, so_b, so_n, so_h,
+    nq, H, num_splits, num_q_blocks,
+    G: tl.constexpr, BLOCK_Q: tl.constexpr, M: tl.constexpr, D: tl.constexpr, HAS_SINKS: tl.constexpr,
+):
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = tl.arange(0, M)
+    g = rows // BLOCK_Q
+    qi = qb * BLOCK_Q + rows % BLOCK_Q
+    row_ok = (g < G) & (qi < nq)
+    d = tl.arange(0, D)
+    m_i = tl.full([M], float("-inf"), tl.float32)
+    l_i = tl.zeros([M], tl.float32)
+    acc = tl.zeros([M, D], tl.float32)
+    for s in range(0, num_splits):
+        part = ((bh * num_q_blocks + qb) * num_splits + s) * M + rows
+        m_s = tl.load(PART_M + part)
+        m_new = tl.maximum(m_i, m_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        beta = tl.exp(m_s - m_safe)
+        l_i = l_i * alpha + tl.load(PART_L + part) * beta
+        acc = acc * alpha[:, None] + tl.load(PART_ACC + part[:, None] * D + d[None, :]) * beta[:, None]
+        m_i = m_new
+    _finish_and_store(acc, m_i, l_i, SINKS, OUT, b, h, g, qi, row_ok, so_b, so_n, so_h, G, D, HAS_SINKS)
+
+
+def _attention_plan(b: int, h: int, g: int, nq: int, n_pages: int, device: torch.device):
+    """(BLOCK_Q, M, number of query blocks, splits, pages per split) for one call."""
+    block_q = max(1, min(triton.next_power_of_2(nq), max(1, 64 // triton.next_power_of_2(g))))
+    m = max(16, triton.next_power_of_2(g) * block_q)
+    q_blocks = triton.cdiv(nq, block_q)
+    programs = b * h * q_blocks
+    splits = 1
+    if n_pages > 1:
+        splits = min(n_pages, max(1, triton.cdiv(_programs_wanted(device), programs)))
+    pages_per_split = triton.cdiv(n_pages, splits) if n_pages else 1
+    splits = triton.cdiv(n_pages, pages_per_split) if n_pages else 1
+    return block_q, m, q_blocks, splits, pages_per_split
+
+
+def paged_attention(
+    query: torch.Tensor,
+    pool: Optional[PagedKV],
+    block_table: Optional[torch.Tensor],
+    num_paged: int,
+    window_key: Optional[torch.Tensor],
+    window_value: Optional[torch.Tensor],
+    chunk_key: Optional[torch.Tensor],
+    chunk_value: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    scaling: float,
+    softcap: Optional[float] = None,
+    sinks: Optional[torch.Tensor] = None,
+    key_mean: Optional[torch.Tensor] = None,
+    value_mean: Optional[torch.Tensor] = None,
+    hadamard_block: int = 0,
+    rotate_values: bool = False,
+) -> torch.Tensor:
+    """Same contract as reference.paged_attention (boolean or no mask)."""
+    b, hq, nq, d = query.shape
+    raw = [(k, v) for k, v in ((window_key, window_value), (chunk_key, chunk_value)) if k is not None and k.shape[2]]
+    if len(raw) == 2:
+        raw_k, raw_v = torch.cat([raw[0][0], raw[1][0]], 2), torch.cat([raw[0][1], raw[1][1]], 2)
+    elif raw:
+        raw_k, raw_v = raw[0]
+    else:
+        raw_k = raw_v = None
+    if raw_k is not None and (raw_k.stride(-1) != 1 or raw_k.stride() != raw_v.stride()):
+        raw_k, raw_v = raw_k.contiguous(), raw_v.contiguous()
+    h = raw_k.shape[1] if raw_k is not None else pool.k_codes.shape[1]
+    n_raw = raw_k.shape[2] if raw_k is not None else 0
+    g = hq // h
+    total = num_paged + n_raw
+    page_size = pool.k_codes.shape[2] if pool is not None else 16
+    n_pages = triton.cdiv(num_paged, page_size)
+    block_q, m, q_blocks, splits, pages_per_split = _attention_plan(b, h, g, nq, n_pages, query.device)
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    out = torch.empty(b, nq, hq, d, dtype=query.dtype, device=query.device)
+    if splits > 1:
+        part_m = torch.empty(b * h * q_blocks * splits * m, dtype=torch.float32, device=query.device)
+        part_l = torch.empty_like(part_m)
+        part_acc = torch.empty(part_m.numel(), d, dtype=torch.float32, device=query.device)
+    else:
+        part_m = part_l = part_acc = out
+    dummy = query
+    if pool is None:
+        pool = PagedKV(dummy, dummy, dummy, dummy)
+        block_table = query
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise ValueError("the Triton attention takes boolean masks (transformers' sdpa masks); got " + str(mask.dtype))
+        mask = mask.expand(b, 1, nq, total)
+        mask_u8 = mask.view(torch.uint8)
+    rk = raw_k if raw_k is not None else query
+    rv = raw_v if raw_v is not None else query
+    v_block = hadamard_block if rotate_values else 0
+    _attention_kernel[(q_blocks, b * h, splits)](
+        query, query.stride(0), query.stride(1), query.stride(2),
+        pool.k_codes, pool.k_meta, pool.v_codes, pool.v_meta, block_table, block_table.stride(0),
+        key_mean if key_mean is not None else query, value_mean if value_mean is not None else query,
+        rk, rv, rk.stride(0), rk.stride(1), rk.stride(2),
+        mask_u8 if mask is not None else query, mask.stride(0) if mask is not None else 0,
+        mask.stride(2) if mask is not None else 0,
+        sinks if sinks is not None else query,
+        out, out.stride(0), out.stride(1), out.stride(2),
+        part_m, part_l, part_acc,
+        num_paged, n_raw, nq, total, pages_per_split, h, splits, q_blocks,
+        scaling, softcap or 0.0,
+        G=g, BLOCK_Q=block_q, M=m, D=d, P=page_size, BLOCK_N=64,
+        LOG_BLOCK=_log2(hadamard_block), SCALE=hadamard_scale(hadamard_block) if hadamard_block else 1.0,
+        V_LOG_BLOCK=_log2(v_block), V_SCALE=hadamard_scale(v_block) if v_block else 1.0,
+        HAS_KMEAN=key_mean is not None, HAS_VMEAN=value_mean is not None, HAS_MASK=mask is not None,
+        HAS_SOFTCAP=bool(softcap), HAS_SINKS=sinks is not None, SINGLE_SPLIT=splits == 1,
+        # The CPU interpreter computes 16-bit dots wrongly: there, dots run in float32.
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 or INTERPRET else "tf32",
+        DOT_IN_FP32=INTERPRET,
+    )
+    if splits > 1:
+        _merge_splits_kernel[(q_blocks, b * h)](
+            part_m, part_l, part_acc, sinks if sinks is not None else query,
+            out, out.stride(0), out.stride(1), out.stride(2),
+            nq, h, splits, q_blocks,
+            G=g, BLOCK_Q=block_q, M=m, D=d, HAS_SINKS=sinks is not None,
+        )
+    return out
