@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
+# Triton kernels run under the CPU interpreter unless told otherwise; it must be set before triton is imported.
+# On a GPU machine run the tests with TRITON_INTERPRET=0.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import glob
 import importlib.util
-import os
 
 import pytest
 import torch

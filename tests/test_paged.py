@@ -119,6 +119,14 @@ def test_write_pages_then_dequantize_pages_equals_dense_round_trip_bit_exact(pag
     assert torch.isnan(poisoned.k_meta[unused].float()).all() and (poisoned.v_codes[unused] == 255).all()
 
 
+@pytest.mark.parametrize("columns", [0, 2], ids=["empty-table", "two-columns"])
+def test_dequantize_pages_of_zero_tokens_is_empty_not_an_error(columns):
+    pool = empty_pool(6, 2, 16, 64, torch.bfloat16, poison=True)
+    table = random_block_table(3, columns, 6)
+    k, v = R.dequantize_pages(pool, table, 0, None, None, 64, True, torch.bfloat16)
+    assert k.shape == v.shape == (3, 2, 0, 64) and k.dtype == torch.bfloat16
+
+
 def test_write_pages_stores_each_token_at_its_page_and_slot():
     b, h, d, p = 2, 2, 8, 16
     keys = torch.randn(b, h, 40, d)
@@ -396,16 +404,24 @@ def test_store_prefill_then_steps_dequantizes_to_window_exact_and_pages_round_tr
     assert torch.equal(k40, ek[:, :, :40])
 
 
-def test_store_attend_matches_paged_attention_over_dequantized_cache():
-    store = make_store(residual_length=5, center_keys=True, center_values=True)
-    keys, values = kv(2, 2, 53, dtype=torch.float32)
-    feed(store, keys, values, [50, 1, 1, 1])
-    past = store.length
-    q = torch.randn(2, 8, 4, 64)
-    ck, cv = torch.randn(2, 2, 4, 64), torch.randn(2, 2, 4, 64)
+@pytest.mark.parametrize("residual_length", [0, 5], ids=lambda r: f"window{r}")
+@pytest.mark.parametrize("chunk", [1, 3, 12], ids=lambda n: f"chunk{n}")
+def test_store_append_then_attend_matches_attention_over_dequantized_past_and_raw_chunk(residual_length, chunk):
+    """The model's flow: append the chunk, then attend with past_length = the length before it. Even when the
+    chunk pushed window tokens (or itself) into the pages, the past is read as stored and the chunk exactly.
+    (Chunk 12 > window 5: part of the chunk is already in the pages and must not be read from there.)"""
+    store = make_store(residual_length=residual_length, center_keys=True, center_values=True)
+    keys, values = kv(2, 2, 53 + chunk, dtype=torch.float32)
+    feed(store, keys[:, :, :53], values[:, :, :53], [50, 1, 1, 1])
+    ck, cv = keys[:, :, 53:], values[:, :, 53:]
+    past = store.append(ck, cv)
+    assert past == 53
+    past_k, past_v = store.dequantize(past)  # the past as stored now (window tokens the chunk evicted: quantized)
+    if residual_length > chunk:
+        assert torch.equal(past_k[:, :, -1], keys[:, :, 52])  # the newest past token is still exact
+    q = torch.randn(2, 8, chunk, 64)
     out = store.attend(q, ck, cv, past, None, 0.125)
-    k, v = store.dequantize()
-    oracle = plain_attention(q, torch.cat([k, ck], 2).double(), torch.cat([v, cv], 2).double(), None, 0.125, None, None, torch.float64)
+    oracle = plain_attention(q, torch.cat([past_k, ck], 2).double(), torch.cat([past_v, cv], 2).double(), None, 0.125, None, None, torch.float64)
     assert torch.allclose(out.double(), oracle, atol=1e-5, rtol=0)
 
 
@@ -514,7 +530,7 @@ def test_store_pool_growth_keeps_old_pages_intact():
     b, h, total = 4, 2, 400
     keys, values = kv(b, h, total)
     store = make_store(0, center_keys=True)
-    sizes, start, pieces = [], 0, []
+    sizes, start = [], 0
     while start < total:
         n = min(7 if start else 20, total - start)
         store.append(keys[:, :, start : start + n], values[:, :, start : start + n])

@@ -182,7 +182,7 @@ def _gather_pages(codes_pool, meta_pool, block_table, start: int, stop: int):
     first, last = start // page_size, (stop + page_size - 1) // page_size
     ids = block_table[:, first:last].long()
     b, n_pages = ids.shape
-    codes = codes_pool[ids].permute(0, 2, 1, 3, 4).reshape(b, codes_pool.shape[1], n_pages * page_size, -1)
+    codes = codes_pool[ids].permute(0, 2, 1, 3, 4).reshape(b, codes_pool.shape[1], n_pages * page_size, codes_pool.shape[3])
     meta = meta_pool[ids].permute(0, 2, 1, 3, 4).reshape(b, meta_pool.shape[1], n_pages * page_size, 2)
     count = stop - start
     return codes[:, :, :count], meta[:, :, :count]

@@ -28,6 +28,8 @@ import triton.language as tl
 from .reference import PagedKV, hadamard_scale
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Launch settings of the attention kernel; the benchmark sweeps them.
+TUNING = {"decode": {"num_warps": 4, "num_stages": 2}, "prefill": {"num_warps": 4, "num_stages": 2}}
 
 
 def _log2(block: int) -> int:
@@ -352,7 +354,10 @@ def _attention_kernel(
         q_dot = q.to(dot_ty)
         cols = tl.arange(0, BLOCK_N)
         raw_start = total - n_raw
-        for n0 in range(0, n_raw, BLOCK_N):
+        raw_stop = n_raw
+        if not HAS_MASK:  # causal: no query of this block sees keys after its last position
+            raw_stop = tl.minimum(n_raw, total - nq + (qb + 1) * BLOCK_Q - raw_start)
+        for n0 in range(0, raw_stop, BLOCK_N):
             j = n0 + cols
             j_ok = j < n_raw
             offs = b * sr_b + h * sr_h + j[:, None] * sr_n + d[None, :]
@@ -516,6 +521,7 @@ def paged_attention(
         # The CPU interpreter computes 16-bit dots wrongly: there, dots run in float32.
         DOT_PRECISION="ieee" if query.dtype == torch.float32 or INTERPRET else "tf32",
         DOT_IN_FP32=INTERPRET,
+        **TUNING["decode" if nq <= 16 else "prefill"],
     )
     if splits > 1:
         _merge_splits_kernel[(q_blocks, b * h)](

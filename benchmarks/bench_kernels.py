@@ -1,0 +1,253 @@
+"""Time the SAW-INT4 Triton kernels against torch SDPA on BF16, on a CUDA GPU.
+
+    python benchmarks/bench_kernels.py [--out DIR] [--quick]
+
+Every kernel is timed with CUDA graphs over distinct per-layer buffers (enough layers that the data is several
+times the L2 cache), with CUDA events around many graph replays; the median of several timings is reported.
+Ideal bytes count every KV byte read once (plus queries and outputs); bandwidth is ideal bytes / time.
+Decode and prefill shapes use 32 query heads, 8 KV heads, head dim 128, bfloat16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+
+import torch
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
+
+from saw_kvcache.ops import reference, triton_kernels
+
+HQ, HKV, D, PAGE = 32, 8, 128, 64
+DTYPE = torch.bfloat16
+L2_BYTES = 60 * 2**20
+DECODE_SHAPES = [(1, 4096), (1, 32768), (1, 131072), (8, 8192), (32, 8192), (64, 4096)]
+
+
+def layers_for(bytes_per_layer: int, cap: int = 64) -> int:
+    return max(2, min(cap, math.ceil(4 * L2_BYTES / bytes_per_layer)))
+
+
+def time_graph(fn, layers: int, repeats: int = 20, trials: int = 5) -> float:
+    """Median microseconds per layer of fn(i) for i in range(layers), captured in one CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(layers):  # warm up: compile, autotune, allocate
+            fn(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(layers):
+            fn(i)
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(trials):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            graph.replay()
+        stop.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(stop) * 1e3 / (repeats * layers))
+    return statistics.median(times)
+
+
+def random_pool(batch: int, tokens: int, device="cuda"):
+    pages_per_seq = math.ceil(tokens / PAGE)
+    num_pages = batch * pages_per_seq
+    pool = reference.PagedKV(
+        torch.randint(0, 256, (num_pages, HKV, PAGE, D // 2), dtype=torch.uint8, device=device),
+        (torch.rand(num_pages, HKV, PAGE, 2, device=device) * 0.05).to(DTYPE),
+        torch.randint(0, 256, (num_pages, HKV, PAGE, D // 2), dtype=torch.uint8, device=device),
+        (torch.rand(num_pages, HKV, PAGE, 2, device=device) * 0.05).to(DTYPE),
+    )
+    table = torch.randperm(num_pages, device=device).view(batch, pages_per_seq).int()
+    return pool, table
+
+
+def int4_kv_bytes(batch, tokens):
+    return batch * tokens * HKV * 2 * (D // 2 + 4)
+
+
+def bf16_kv_bytes(batch, tokens):
+    return batch * tokens * HKV * 2 * D * 2
+
+
+def sdpa_decode_us(batch, ctx, q_len=1):
+    layers = layers_for(bf16_kv_bytes(batch, ctx))
+    ks = [torch.randn(batch, HKV, ctx, D, device="cuda", dtype=DTYPE) for _ in range(layers)]
+    vs = [torch.randn(batch, HKV, ctx, D, device="cuda", dtype=DTYPE) for _ in range(layers)]
+    q = torch.randn(batch, HQ, q_len, D, device="cuda", dtype=DTYPE)
+    results = {}
+    for name, backends in (("default", None), ("cudnn", [SDPBackend.CUDNN_ATTENTION])):
+        def run(i):
+            if backends is None:
+                return torch.nn.functional.scaled_dot_product_attention(q, ks[i], vs[i], enable_gqa=True)
+            with sdpa_kernel(backends):
+                return torch.nn.functional.scaled_dot_product_attention(q, ks[i], vs[i], enable_gqa=True)
+        try:
+            results[name] = time_graph(run, layers)
+        except Exception as error:  # a backend that refuses this shape is not a baseline
+            results[name] = None
+            print(f"  sdpa {name} failed for batch {batch}, context {ctx}: {type(error).__name__}: {str(error)[:120]}")
+    del ks, vs
+    torch.cuda.empty_cache()
+    return results
+
+
+def int4_decode_us(batch, ctx, q_len=1):
+    layers = layers_for(int4_kv_bytes(batch, ctx))
+    pools = [random_pool(batch, ctx - q_len) for _ in range(layers)]
+    q = torch.randn(batch, HQ, q_len, D, device="cuda", dtype=DTYPE)
+    ck = torch.randn(batch, HKV, q_len, D, device="cuda", dtype=DTYPE)
+    cv = torch.randn(batch, HKV, q_len, D, device="cuda", dtype=DTYPE)
+    mean = torch.randn(HKV, D, device="cuda")
+
+    def run(i):
+        pool, table = pools[i]
+        return triton_kernels.paged_attention(
+            q, pool, table, ctx - q_len, None, None, ck, cv, None, D**-0.5, None, None, mean, None, 64, True
+        )
+
+    us = time_graph(run, layers)
+    del pools
+    torch.cuda.empty_cache()
+    return us
+
+
+def write_us(tokens, block):
+    layers = layers_for(bf16_kv_bytes(1, tokens), cap=16)
+    pools = [random_pool(1, tokens) for _ in range(layers)]
+    ks = [torch.randn(1, HKV, tokens, D, device="cuda", dtype=DTYPE) for _ in range(layers)]
+    vs = [torch.randn(1, HKV, tokens, D, device="cuda", dtype=DTYPE) for _ in range(layers)]
+    mean = torch.randn(HKV, D, device="cuda")
+
+    def run(i):
+        pool, table = pools[i]
+        triton_kernels.write_pages(pool, table, 0, ks[i], vs[i], mean, None, block, True)
+
+    us = time_graph(run, layers)
+    del pools, ks, vs
+    torch.cuda.empty_cache()
+    return us
+
+
+def prefill_us(chunk, ctx):
+    """A chunk of `chunk` new tokens over `ctx` earlier tokens: INT4 pages vs BF16 SDPA over ctx + chunk."""
+    q = torch.randn(1, HQ, chunk, D, device="cuda", dtype=DTYPE)
+    ck = torch.randn(1, HKV, chunk, D, device="cuda", dtype=DTYPE)
+    cv = torch.randn(1, HKV, chunk, D, device="cuda", dtype=DTYPE)
+    layers = layers_for(int4_kv_bytes(1, ctx), cap=8)
+    pools = [random_pool(1, ctx) for _ in range(layers)]
+    mean = torch.randn(HKV, D, device="cuda")
+
+    def run_int4(i):
+        pool, table = pools[i]
+        return triton_kernels.paged_attention(
+            q, pool, table, ctx, None, None, ck, cv, None, D**-0.5, None, None, mean, None, 64, True
+        )
+
+    int4 = time_graph(run_int4, layers, repeats=5)
+    del pools
+    torch.cuda.empty_cache()
+    layers = layers_for(bf16_kv_bytes(1, ctx + chunk), cap=8)
+    ks = [torch.randn(1, HKV, ctx + chunk, D, device="cuda", dtype=DTYPE) for _ in range(layers)]
+    vs = [torch.randn(1, HKV, ctx + chunk, D, device="cuda", dtype=DTYPE) for _ in range(layers)]
+    bias = causal_lower_right(chunk, ctx + chunk)
+
+    def run_sdpa_gqa(i):
+        return torch.nn.functional.scaled_dot_product_attention(q, ks[i], vs[i], attn_mask=bias, enable_gqa=True)
+
+    try:
+        return int4, time_graph(run_sdpa_gqa, layers, repeats=5)
+    except Exception as error:
+        print(f"  prefill sdpa with enable_gqa failed ({type(error).__name__}: {str(error)[:100]}); expanding heads")
+    # Heads expanded before timing, so the baseline is not charged for the copy.
+    ks = [k.repeat_interleave(HQ // HKV, 1) for k in ks]
+    vs = [v.repeat_interleave(HQ // HKV, 1) for v in vs]
+
+    def run_sdpa(i):
+        return torch.nn.functional.scaled_dot_product_attention(q, ks[i], vs[i], attn_mask=bias)
+
+    return int4, time_graph(run_sdpa, layers, repeats=5)
+
+
+def environment():
+    commit = os.environ.get("SAW_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    return {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "commit": commit or "unknown",
+        "python": platform.python_version(),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for results.json and results.md")
+    parser.add_argument("--quick", action="store_true", help="two decode shapes only")
+    args = parser.parse_args()
+    env = environment()
+    rows = []
+    shapes = DECODE_SHAPES[:2] if args.quick else DECODE_SHAPES
+    for batch, ctx in shapes:
+        int4 = int4_decode_us(batch, ctx)
+        sdpa = sdpa_decode_us(batch, ctx)
+        best = min(v for v in sdpa.values() if v is not None)
+        ideal = int4_kv_bytes(batch, ctx) + 2 * batch * HQ * D * 2
+        rows.append({
+            "kernel": "decode", "shape": f"batch {batch}, context {ctx}", "int4_us": int4,
+            "int4_TBps": ideal / int4 / 1e6, "sdpa_bf16_us": best, "sdpa_default_us": sdpa["default"],
+            "sdpa_cudnn_us": sdpa["cudnn"], "sdpa_TBps": (bf16_kv_bytes(batch, ctx)) / best / 1e6,
+            "speedup": best / int4,
+        })
+        print(rows[-1], flush=True)
+    tokens = 16384
+    plain, rotated64, rotated128 = write_us(tokens, 0), write_us(tokens, 64), write_us(tokens, 128)
+    write_bytes = bf16_kv_bytes(1, tokens) + int4_kv_bytes(1, tokens)
+    for name, us in (("write, no rotation", plain), ("write, hadamard_block 64", rotated64),
+                     ("write, hadamard_block 128", rotated128)):
+        rows.append({"kernel": name, "shape": f"{tokens} tokens", "int4_us": us, "int4_TBps": write_bytes / us / 1e6,
+                     "sdpa_bf16_us": None, "speedup": None, "rotation_overhead": us / plain - 1})
+        print(rows[-1], flush=True)
+    int4, sdpa = prefill_us(4096, 28672)
+    ideal = int4_kv_bytes(1, 28672) + 4 * 4096 * HKV * D * 2
+    rows.append({"kernel": "chunked prefill", "shape": "chunk 4096 over 28672", "int4_us": int4,
+                 "int4_TBps": ideal / int4 / 1e6, "sdpa_bf16_us": sdpa,
+                 "speedup": sdpa / int4 if sdpa else None})
+    print(rows[-1], flush=True)
+
+    lines = [
+        f"GPU: {env['gpu']}; torch {env['torch']}; triton {env['triton']}; commit {env['commit']}",
+        "",
+        "| kernel | shape | SAW-INT4 us/layer | TB/s (ideal bytes) | SDPA BF16 us/layer | SAW-INT4 speedup |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        sdpa = f"{r['sdpa_bf16_us']:.1f}" if r.get("sdpa_bf16_us") else "-"
+        speed = f"{r['speedup']:.2f}x" if r.get("speedup") else (
+            f"rotation +{100 * r['rotation_overhead']:.1f}%" if "rotation_overhead" in r else "-")
+        lines.append(f"| {r['kernel']} | {r['shape']} | {r['int4_us']:.1f} | {r['int4_TBps']:.2f} | {sdpa} | {speed} |")
+    table = "\n".join(lines)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench_kernels.json"), "w") as f:
+        json.dump({"environment": env, "rows": rows}, f, indent=1)
+    with open(os.path.join(args.out, "bench_kernels.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

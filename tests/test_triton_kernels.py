@@ -1,0 +1,209 @@
+"""The Triton kernels against their pure-PyTorch twins and an fp64 oracle.
+
+On a machine without a GPU they run under Triton's interpreter (TRITON_INTERPRET=1, set in conftest.py before
+triton is imported) at tiny shapes; on a GPU (TRITON_INTERPRET=0) at real shapes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from saw_kvcache.ops import reference, triton_unavailable_reason
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu")
+if triton_unavailable_reason(DEVICE) is not None:
+    pytest.skip(f"Triton kernels cannot run here: {triton_unavailable_reason(DEVICE)}", allow_module_level=True)
+
+from saw_kvcache.ops import triton_kernels  # noqa: E402
+
+ON_GPU = DEVICE.type == "cuda"
+PAGE = 16
+
+
+def make_pool(num_pages, heads, head_dim, dtype, page_size=PAGE, poison=True):
+    """A pool whose every byte is garbage (NaN scales and offsets) until written."""
+    codes = lambda: torch.full((num_pages, heads, page_size, head_dim // 2), 255, dtype=torch.uint8, device=DEVICE)  # noqa: E731
+    meta = lambda: torch.full((num_pages, heads, page_size, 2), float("nan") if poison else 0.0, dtype=dtype, device=DEVICE)  # noqa: E731
+    return reference.PagedKV(codes(), meta(), codes(), meta())
+
+
+def shuffled_block_table(batch, pages_per_seq, num_pages):
+    return torch.randperm(num_pages, device=DEVICE)[: batch * pages_per_seq].view(batch, pages_per_seq).int()
+
+
+def random_states(batch, heads, tokens, head_dim, dtype, outliers=True):
+    x = torch.randn(batch, heads, tokens, head_dim, device=DEVICE)
+    if outliers:  # keys have outlier channels; that is what the rotation is for
+        x[..., 3] *= 20
+        x[..., -5] += 8
+    return x.to(dtype)
+
+
+WRITE_CASES = [
+    # dtype, head_dim, hadamard_block, tokens, start
+    (torch.bfloat16, 64, 64, 17, 0),
+    (torch.bfloat16, 128, 32, 1, 5),
+    (torch.float16, 128, 128, 33, 16),
+    (torch.float32, 64, 0, 16, 3),
+    (torch.bfloat16, 256, 64, 5, 30),
+]
+
+
+@pytest.mark.parametrize("dtype,head_dim,block,tokens,start", WRITE_CASES, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("center", [False, True], ids=["plain", "centered"])
+def test_write_kernel_packs_the_same_bytes_as_the_torch_twin(dtype, head_dim, block, tokens, start, center):
+    batch, heads = 3, 2
+    pages = math.ceil((start + tokens) / PAGE)
+    num_pages = 3 * batch * pages
+    table = shuffled_block_table(batch, pages, num_pages)
+    key = random_states(batch, heads, tokens, head_dim, dtype)
+    value = random_states(batch, heads, tokens, head_dim, dtype, outliers=False)
+    mean = torch.randn(heads, head_dim, device=DEVICE) if center else None
+    twin, kernel = make_pool(num_pages, heads, head_dim, dtype, poison=False), make_pool(num_pages, heads, head_dim, dtype, poison=False)
+    reference.write_pages(twin, table, start, key, value, mean, mean, block, True)
+    triton_kernels.write_pages(kernel, table, start, key, value, mean, mean, block, True)
+    for name, a, b in zip(("k_codes", "k_meta", "v_codes", "v_meta"), twin, kernel):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), name
+
+
+@pytest.mark.parametrize("dtype,head_dim,block", [(torch.bfloat16, 64, 64), (torch.float16, 128, 16)], ids=str)
+def test_dequantize_kernel_equals_the_torch_twin_and_ignores_poisoned_slots(dtype, head_dim, block):
+    batch, heads, tokens = 2, 3, 37
+    pages = math.ceil(tokens / PAGE)
+    table = shuffled_block_table(batch, pages, 4 * batch * pages)
+    pool = make_pool(4 * batch * pages, heads, head_dim, dtype)
+    key, value = random_states(batch, heads, tokens, head_dim, dtype), random_states(batch, heads, tokens, head_dim, dtype)
+    mean = torch.randn(heads, head_dim, device=DEVICE)
+    reference.write_pages(pool, table, 0, key, value, mean, None, block, True)
+    twin = reference.dequantize_pages(pool, table, tokens, mean, None, block, True, dtype)
+    kernel = triton_kernels.dequantize_pages(pool, table, tokens, mean, None, block, True, dtype)
+    for a, b in zip(twin, kernel):
+        assert torch.isfinite(b).all()
+        assert torch.equal(a, b)
+
+
+def oracle_attention(query, keys, values, mask, scaling, softcap=None, sinks=None):
+    """float64 attention of query [B, Hq, nq, D] over keys/values [B, H, T, D] (model frame); queries at the end."""
+    b, hq, nq, d = query.shape
+    h, t = keys.shape[1], keys.shape[2]
+    q = query.double()
+    k = keys.double().repeat_interleave(hq // h, 1)
+    v = values.double().repeat_interleave(hq // h, 1)
+    s = (q @ k.transpose(-1, -2)) * scaling
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    if mask is None:
+        mask = torch.arange(t, device=q.device)[None, :] <= torch.arange(t - nq, t, device=q.device)[:, None]
+        mask = mask[None, None]
+    s = s.masked_fill(~mask, float("-inf"))
+    if sinks is not None:
+        s = torch.cat([s, sinks.double().view(1, hq, 1, 1).expand(b, hq, nq, 1)], -1)
+        v = torch.cat([v, torch.zeros_like(v[:, :, :1])], 2)
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    return (p @ v).transpose(1, 2)
+
+
+def plain_attention_at(dtype, query, keys, values, mask, scaling, softcap=None, sinks=None):
+    """The same attention in plain PyTorch at the working dtype: the error budget's yardstick."""
+    b, hq, nq, d = query.shape
+    h, t = keys.shape[1], keys.shape[2]
+    k = keys.to(dtype).repeat_interleave(hq // h, 1)
+    v = values.to(dtype).repeat_interleave(hq // h, 1)
+    s = (query.to(dtype) @ k.transpose(-1, -2)).float() * scaling
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    if mask is None:
+        mask = (torch.arange(t, device=s.device)[None, :] <= torch.arange(t - nq, t, device=s.device)[:, None])[None, None]
+    s = s.masked_fill(~mask, float("-inf"))
+    if sinks is not None:
+        s = torch.cat([s, sinks.float().view(1, hq, 1, 1).expand(b, hq, nq, 1)], -1)
+        v = torch.cat([v, torch.zeros_like(v[:, :, :1])], 2)
+    p = torch.softmax(s, -1).nan_to_num(0.0).to(dtype)
+    return (p @ v).float().transpose(1, 2)
+
+
+ATTENTION_CASES = [
+    # dtype, head_dim, gqa, batch, paged, window, queries
+    (torch.bfloat16, 64, 1, 2, 17, 0, 1),
+    (torch.bfloat16, 128, 4, 3, 48, 3, 1),
+    (torch.float16, 64, 8, 2, 33, 0, 4),
+    (torch.bfloat16, 256, 4, 1, 16, 5, 1),
+    (torch.bfloat16, 64, 4, 2, 40, 2, 37),
+    (torch.float16, 128, 1, 2, 1, 0, 20),
+]
+if ON_GPU:
+    ATTENTION_CASES += [
+        (torch.bfloat16, 128, 4, 4, 4096 + 37, 64, 1),
+        (torch.bfloat16, 128, 8, 2, 8192, 0, 4),
+        (torch.float16, 256, 4, 2, 2000, 17, 1),
+        (torch.bfloat16, 128, 4, 1, 3000, 0, 700),
+    ]
+
+
+@pytest.mark.parametrize("dtype,head_dim,gqa,batch,paged,window,queries", ATTENTION_CASES, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("variant", ["causal", "left_padding+softcap+sinks"])
+def test_attention_kernel_error_is_within_twice_plain_pytorch_error(dtype, head_dim, gqa, batch, paged, window, queries, variant):
+    heads = 2
+    block = min(64, head_dim)
+    pages = math.ceil(paged / PAGE)
+    num_pages = 2 * batch * pages + 1
+    table = shuffled_block_table(batch, pages, num_pages)
+    pool = make_pool(num_pages, heads, head_dim, dtype)  # NaN everywhere nothing was written
+    keys = random_states(batch, heads, paged, head_dim, dtype)
+    values = random_states(batch, heads, paged, head_dim, dtype, outliers=False)
+    k_mean, v_mean = torch.randn(heads, head_dim, device=DEVICE), torch.randn(heads, head_dim, device=DEVICE)
+    reference.write_pages(pool, table, 0, keys, values, k_mean, v_mean, block, True)
+    window_k = random_states(batch, heads, window, head_dim, dtype) if window else None
+    window_v = random_states(batch, heads, window, head_dim, dtype) if window else None
+    chunk_k = random_states(batch, heads, queries, head_dim, dtype)
+    chunk_v = random_states(batch, heads, queries, head_dim, dtype)
+    query = random_states(batch, heads * gqa, queries, head_dim, dtype, outliers=False)
+    total = paged + window + queries
+    scaling = head_dim**-0.5
+    mask = softcap = sinks = None
+    if variant != "causal":
+        causal = torch.arange(total, device=DEVICE)[None, :] <= torch.arange(total - queries, total, device=DEVICE)[:, None]
+        mask = causal[None, None].repeat(batch, 1, 1, 1)
+        mask[0, :, :, : min(7, paged)] = False  # sequence 0 is left-padded
+        softcap, sinks = 5.0, torch.randn(heads * gqa, device=DEVICE)
+    args = (query, pool, table, paged, window_k, window_v, chunk_k, chunk_v, mask, scaling, softcap, sinks,
+            k_mean, v_mean, block, True)
+    out_kernel = triton_kernels.paged_attention(*args).float()
+    out_twin = reference.paged_attention(*args).float()
+
+    deq_k, deq_v = reference.dequantize_pages(pool, table, paged, k_mean, v_mean, block, True, torch.float32)
+    all_k = torch.cat([t for t in (deq_k, window_k, chunk_k) if t is not None], 2).float()
+    all_v = torch.cat([t for t in (deq_v, window_v, chunk_v) if t is not None], 2).float()
+    oracle = oracle_attention(query.float(), all_k, all_v, mask, scaling, softcap, sinks)
+    plain = plain_attention_at(dtype, query, all_k, all_v, mask, scaling, softcap, sinks)
+    budget = 2 * (plain.double() - oracle).abs().max().item() + 1e-3
+    assert torch.isfinite(out_kernel).all()
+    assert (out_kernel.double() - oracle).abs().max().item() <= budget
+    assert (out_twin.double() - oracle).abs().max().item() <= budget
+
+
+def test_triton_backend_generates_like_the_torch_backend_on_a_tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from saw_kvcache import SawInt4Cache
+    from saw_kvcache.evaluation import teacher_forced_logits
+
+    config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=2, head_dim=64, attn_implementation="saw_int4")
+    model = LlamaForCausalLM(config).to(DEVICE).eval()
+    ids = torch.randint(0, 256, (2, 70), device=DEVICE)
+    logits = {
+        backend: teacher_forced_logits(model, ids, SawInt4Cache(backend=backend, residual_length=4), 40, 8)
+        for backend in ("torch", "triton")
+    }
+    assert (logits["triton"] - logits["torch"]).abs().max() < 2e-3 * logits["torch"].abs().max()
+    tokens = {
+        backend: model.generate(ids[:, :40], max_new_tokens=8, do_sample=False,
+                                past_key_values=SawInt4Cache(backend=backend))
+        for backend in ("torch", "triton")
+    }
+    assert torch.equal(tokens["torch"], tokens["triton"])
