@@ -198,10 +198,18 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for results.json and results.md")
     parser.add_argument("--quick", action="store_true", help="two decode shapes only")
+    parser.add_argument("--sweep", action="store_true", help="also time decode at other num_warps/num_stages")
     args = parser.parse_args()
     env = environment()
     rows = []
     shapes = DECODE_SHAPES[:2] if args.quick else DECODE_SHAPES
+    if args.sweep:
+        for warps in (4, 8):
+            for stages in (1, 2, 3):
+                triton_kernels.TUNING["decode"] = {"num_warps": warps, "num_stages": stages}
+                print(f"decode sweep warps={warps} stages={stages}:",
+                      [round(int4_decode_us(b, c), 1) for b, c in ((1, 32768), (8, 8192), (32, 8192))], flush=True)
+        triton_kernels.TUNING["decode"] = {"num_warps": 4, "num_stages": 2}
     for batch, ctx in shapes:
         int4 = int4_decode_us(batch, ctx)
         sdpa = sdpa_decode_us(batch, ctx)

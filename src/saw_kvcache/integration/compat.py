@@ -22,6 +22,7 @@ def cache_kwarg_name() -> str:
 
 def crop_target_length(tokens_to_remove: int, length: int) -> int:
     """`crop(n)`: n <= 0 removes -n tokens; n > 0 is the legacy absolute length (5.17 still accepts it)."""
+    tokens_to_remove = int(tokens_to_remove)  # 5.17's assisted decoding passes a 0-dim tensor
     if tokens_to_remove > 0:
         return min(tokens_to_remove, length)
     return max(length + tokens_to_remove, 0)

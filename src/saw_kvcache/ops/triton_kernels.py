@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import PagedKV, hadamard_scale
+from .reference import PagedKV, hadamard_matrix, hadamard_scale
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Launch settings of the attention kernel; the benchmark sweeps them.
@@ -49,8 +49,7 @@ def _programs_wanted(device: torch.device) -> int:
 def _fwht(x, ROWS: tl.constexpr, D: tl.constexpr, LOG_BLOCK: tl.constexpr, SCALE: tl.constexpr):
     """Block-diagonal Hadamard rotation of the rows of a [ROWS, D] float32 tile (butterfly, then * SCALE)."""
     for i in tl.static_range(LOG_BLOCK):
-        h: tl.constexpr = 1 << i
-        y = tl.permute(tl.reshape(x, (ROWS, D // (2 * h), 2, h)), (0, 1, 3, 2))
+        y = tl.permute(tl.reshape(x, (ROWS, D // (2 << i), 2, 1 << i)), (0, 1, 3, 2))
         a, b = tl.split(y)
         x = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), (ROWS, D))
     if LOG_BLOCK > 0:
@@ -237,6 +236,49 @@ def dequantize_pages(
 
 
 @triton.jit
+def _rotate_by_dot(x, HAD, ROWS: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, LOG_BLOCK: tl.constexpr,
+                   SCALE: tl.constexpr, PRECISION: tl.constexpr):
+    """Block-diagonal Hadamard rotation of a [ROWS, D] float32 tile as one matrix product with the +-1 Sylvester
+    matrix HAD [BLOCK, BLOCK] (float32, in memory), then * SCALE. Used where bit-exactness is not needed."""
+    if BLOCK == 0:
+        return x
+    if BLOCK < 16:  # below tl.dot's smallest tile
+        return _fwht(x, ROWS, D, LOG_BLOCK, SCALE)
+    k = tl.arange(0, BLOCK)
+    had = tl.load(HAD + k[:, None] * BLOCK + k[None, :])
+    if D == BLOCK:
+        y = tl.dot(x, had, input_precision=PRECISION)
+    else:
+        y = tl.reshape(tl.dot(tl.reshape(x, (ROWS * (D // BLOCK), BLOCK)), had, input_precision=PRECISION), (ROWS, D))
+    return y * SCALE
+
+
+@triton.jit
+def _nibbles(codes, ty: tl.constexpr):
+    """(low, high) nibbles of uint8 codes as values of type ty: MAGIC + code exactly (MAGIC = 128 for bfloat16,
+    1024 for float16, built from bits: no int-to-float conversion, which is slow) or the code itself (float32)."""
+    if ty == tl.bfloat16:
+        lo = ((codes & 15).to(tl.int16) | 0x4300).to(tl.bfloat16, bitcast=True)
+        hi = ((codes >> 4).to(tl.int16) | 0x4300).to(tl.bfloat16, bitcast=True)
+    elif ty == tl.float16:
+        lo = ((codes & 15).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
+        hi = ((codes >> 4).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
+    else:
+        lo = (codes & 15).to(tl.float32)
+        hi = (codes >> 4).to(tl.float32)
+    return lo, hi
+
+
+def _magic(dtype: torch.dtype) -> float:
+    return {torch.bfloat16: 128.0, torch.float16: 1024.0}.get(dtype, 0.0)
+
+
+@functools.lru_cache(maxsize=None)
+def _sylvester_pm1(block: int, device: torch.device) -> torch.Tensor:
+    return (hadamard_matrix(block) * math.sqrt(block)).round().to(device)
+
+
+@triton.jit
 def _online_softmax_step(scores, m_i, l_i):
     """Returns (p, alpha, m_new, l_new) for scores [M, N] with -inf for masked entries."""
     m_new = tl.maximum(m_i, tl.max(scores, axis=1))
@@ -266,12 +308,13 @@ def _attention_kernel(
     OUT, so_b, so_n, so_h,
     PART_M, PART_L, PART_ACC,
     num_paged, n_raw, nq, total, pages_per_split, H, num_splits, num_q_blocks,
-    scaling, softcap,
+    scaling, softcap, HAD,
     G: tl.constexpr, BLOCK_Q: tl.constexpr, M: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    LOG_BLOCK: tl.constexpr, SCALE: tl.constexpr, V_LOG_BLOCK: tl.constexpr, V_SCALE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK: tl.constexpr, LOG_BLOCK: tl.constexpr, SCALE: tl.constexpr,
+    ROTATE_VALUES: tl.constexpr,
+    MAGIC: tl.constexpr, ROT_PRECISION: tl.constexpr,
     HAS_KMEAN: tl.constexpr, HAS_VMEAN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    HAS_SINKS: tl.constexpr, SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    HAS_SINKS: tl.constexpr, SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -284,10 +327,7 @@ def _attention_kernel(
     row_ok = (g < G) & (qi < nq)
     q_pos = total - nq + qi
     d = tl.arange(0, D)
-    if DOT_IN_FP32:
-        dot_ty: tl.constexpr = tl.float32
-    else:
-        dot_ty: tl.constexpr = Q.dtype.element_ty
+    dot_ty = Q.dtype.element_ty
     q = tl.load(
         Q + b * sq_b + (h * G + g)[:, None] * sq_h + qi[:, None] * sq_n + d[None, :], mask=row_ok[:, None], other=0.0
     ).to(tl.float32)
@@ -301,7 +341,7 @@ def _attention_kernel(
     p0 = s * pages_per_split
     p1 = tl.minimum(p0 + pages_per_split, n_pages)
     if p1 > p0:
-        q_rot = _fwht(q, M, D, LOG_BLOCK, SCALE)
+        q_rot = _rotate_by_dot(q, HAD, M, D, BLOCK, LOG_BLOCK, SCALE, ROT_PRECISION)
         q_sum = tl.sum(q_rot, axis=1)
         if HAS_KMEAN:
             q_bias = tl.sum(q * tl.load(KMEAN + h * D + d)[None, :], axis=1)
@@ -310,22 +350,27 @@ def _attention_kernel(
         q_even, q_odd = tl.split(tl.reshape(q_rot, (M, D // 2, 2)))
         q_even = q_even.to(dot_ty)
         q_odd = q_odd.to(dot_ty)
+        # The dot sees codes + MAGIC; subtract MAGIC * sum(q) with the same rounded q.
+        q_magic = MAGIC * (tl.sum(q_even.to(tl.float32), axis=1) + tl.sum(q_odd.to(tl.float32), axis=1))
         acc_even = tl.zeros([M, D // 2], tl.float32)
         acc_odd = tl.zeros([M, D // 2], tl.float32)
         off_acc = tl.zeros([M], tl.float32)
         slot = tl.arange(0, P)
         half = tl.arange(0, D // 2)
+        pair = tl.arange(0, 2)
         for pg in range(p0, p1):
             page = tl.load(BT + b * s_bt + pg).to(tl.int64)
             pos = pg * P + slot
             kv_ok = pos < num_paged
             row = (page * H + h) * P + slot
             k_codes = tl.load(KC + row[:, None] * (D // 2) + half[None, :])
-            k_scale = tl.load(KM + row * 2, mask=kv_ok, other=0.0).to(tl.float32)
-            k_off = tl.load(KM + row * 2 + 1, mask=kv_ok, other=0.0).to(tl.float32)
-            sc = tl.dot(q_even, tl.trans(_small_ints_to(k_codes & 15, dot_ty)), input_precision=DOT_PRECISION)
-            sc += tl.dot(q_odd, tl.trans(_small_ints_to(k_codes >> 4, dot_ty)), input_precision=DOT_PRECISION)
-            sc = sc * k_scale[None, :] + q_sum[:, None] * k_off[None, :] + q_bias[:, None]
+            k_scale, k_off = tl.split(tl.load(KM + row[:, None] * 2 + pair[None, :]).to(tl.float32))
+            k_scale = tl.where(kv_ok, k_scale, 0.0)
+            k_off = tl.where(kv_ok, k_off, 0.0)
+            k_lo, k_hi = _nibbles(k_codes, dot_ty)
+            sc = tl.dot(q_even, tl.trans(k_lo), input_precision=DOT_PRECISION)
+            sc = tl.dot(q_odd, tl.trans(k_hi), sc, input_precision=DOT_PRECISION)
+            sc = (sc - q_magic[:, None]) * k_scale[None, :] + q_sum[:, None] * k_off[None, :] + q_bias[:, None]
             sc = _scale_and_cap(sc, scaling, softcap, HAS_SOFTCAP)
             ok = kv_ok[None, :] & row_ok[:, None]
             if HAS_MASK:
@@ -333,19 +378,18 @@ def _attention_kernel(
             sc = tl.where(ok, sc, float("-inf"))
             p, alpha, m_i, l_i = _online_softmax_step(sc, m_i, l_i)
             v_codes = tl.load(VC + row[:, None] * (D // 2) + half[None, :])
-            v_scale = tl.load(VM + row * 2, mask=kv_ok, other=0.0).to(tl.float32)
-            v_off = tl.load(VM + row * 2 + 1, mask=kv_ok, other=0.0).to(tl.float32)
+            v_scale, v_off = tl.split(tl.load(VM + row[:, None] * 2 + pair[None, :]).to(tl.float32))
+            v_scale = tl.where(kv_ok, v_scale, 0.0)
+            v_off = tl.where(kv_ok, v_off, 0.0)
             p_scaled = (p * v_scale[None, :]).to(dot_ty)
-            acc_even = acc_even * alpha[:, None] + tl.dot(
-                p_scaled, _small_ints_to(v_codes & 15, dot_ty), input_precision=DOT_PRECISION
-            )
-            acc_odd = acc_odd * alpha[:, None] + tl.dot(
-                p_scaled, _small_ints_to(v_codes >> 4, dot_ty), input_precision=DOT_PRECISION
-            )
-            off_acc = off_acc * alpha + tl.sum(p * v_off[None, :], axis=1)
+            v_lo, v_hi = _nibbles(v_codes, dot_ty)
+            acc_even = tl.dot(p_scaled, v_lo, acc_even * alpha[:, None], input_precision=DOT_PRECISION)
+            acc_odd = tl.dot(p_scaled, v_hi, acc_odd * alpha[:, None], input_precision=DOT_PRECISION)
+            off_acc = off_acc * alpha + tl.sum(p * v_off[None, :] - MAGIC * p_scaled.to(tl.float32), axis=1)
         acc = tl.reshape(tl.join(acc_even, acc_odd), (M, D)) + off_acc[:, None]
         # Back to the model's frame: sum p (H v + mean) = H (sum p v) + (sum p) mean.
-        acc = _fwht(acc, M, D, V_LOG_BLOCK, V_SCALE)
+        if ROTATE_VALUES:
+            acc = _rotate_by_dot(acc, HAD, M, D, BLOCK, LOG_BLOCK, SCALE, ROT_PRECISION)
         if HAS_VMEAN:
             acc += l_i[:, None] * tl.load(VMEAN + h * D + d)[None, :]
 
@@ -498,9 +542,11 @@ def paged_attention(
             raise ValueError("the Triton attention takes boolean masks (transformers' sdpa masks); got " + str(mask.dtype))
         mask = mask.expand(b, 1, nq, total)
         mask_u8 = mask.view(torch.uint8)
+    if INTERPRET:  # the CPU interpreter computes 16-bit dots wrongly: there, dots run in float32
+        query = query.float()
+        raw_k, raw_v = (raw_k.float(), raw_v.float()) if raw_k is not None else (None, None)
     rk = raw_k if raw_k is not None else query
     rv = raw_v if raw_v is not None else query
-    v_block = hadamard_block if rotate_values else 0
     _attention_kernel[(q_blocks, b * h, splits)](
         query, query.stride(0), query.stride(1), query.stride(2),
         pool.k_codes, pool.k_meta, pool.v_codes, pool.v_meta, block_table, block_table.stride(0),
@@ -512,15 +558,14 @@ def paged_attention(
         out, out.stride(0), out.stride(1), out.stride(2),
         part_m, part_l, part_acc,
         num_paged, n_raw, nq, total, pages_per_split, h, splits, q_blocks,
-        scaling, softcap or 0.0,
+        scaling, softcap or 0.0, _sylvester_pm1(hadamard_block, query.device) if hadamard_block else query,
         G=g, BLOCK_Q=block_q, M=m, D=d, P=page_size, BLOCK_N=64,
-        LOG_BLOCK=_log2(hadamard_block), SCALE=hadamard_scale(hadamard_block) if hadamard_block else 1.0,
-        V_LOG_BLOCK=_log2(v_block), V_SCALE=hadamard_scale(v_block) if v_block else 1.0,
+        BLOCK=hadamard_block, LOG_BLOCK=_log2(hadamard_block), SCALE=hadamard_scale(hadamard_block) if hadamard_block else 1.0,
+        ROTATE_VALUES=bool(rotate_values and hadamard_block), MAGIC=_magic(query.dtype),
+        ROT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         HAS_KMEAN=key_mean is not None, HAS_VMEAN=value_mean is not None, HAS_MASK=mask is not None,
         HAS_SOFTCAP=bool(softcap), HAS_SINKS=sinks is not None, SINGLE_SPLIT=splits == 1,
-        # The CPU interpreter computes 16-bit dots wrongly: there, dots run in float32.
-        DOT_PRECISION="ieee" if query.dtype == torch.float32 or INTERPRET else "tf32",
-        DOT_IN_FP32=INTERPRET,
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         **TUNING["decode" if nq <= 16 else "prefill"],
     )
     if splits > 1:
