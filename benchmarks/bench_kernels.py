@@ -141,7 +141,7 @@ def write_us(tokens, block):
     return us
 
 
-def prefill_us(chunk, ctx):
+def prefill_us(chunk, ctx, baseline=True):
     """A chunk of `chunk` new tokens over `ctx` earlier tokens: INT4 pages vs BF16 SDPA over ctx + chunk."""
     q = torch.randn(1, HQ, chunk, D, device="cuda", dtype=DTYPE)
     ck = torch.randn(1, HKV, chunk, D, device="cuda", dtype=DTYPE)
@@ -159,6 +159,8 @@ def prefill_us(chunk, ctx):
     int4 = time_graph(run_int4, layers, repeats=5)
     del pools
     torch.cuda.empty_cache()
+    if not baseline:
+        return int4, None
     layers = layers_for(bf16_kv_bytes(1, ctx + chunk), cap=8)
     ks = [torch.randn(1, HKV, ctx + chunk, D, device="cuda", dtype=DTYPE) for _ in range(layers)]
     vs = [torch.randn(1, HKV, ctx + chunk, D, device="cuda", dtype=DTYPE) for _ in range(layers)]
@@ -204,12 +206,23 @@ def main():
     rows = []
     shapes = DECODE_SHAPES[:2] if args.quick else DECODE_SHAPES
     if args.sweep:
-        for warps in (4, 8):
-            for stages in (1, 2, 3):
-                triton_kernels.TUNING["decode"] = {"num_warps": warps, "num_stages": stages}
-                print(f"decode sweep warps={warps} stages={stages}:",
+        tuning = triton_kernels.TUNING
+        for per_sm in (2, 8, 16, 32):
+            for warps in (4, 8):
+                tuning["programs_per_sm"] = per_sm
+                tuning["decode"] = {"num_warps": warps, "num_stages": 2}
+                print(f"decode sweep programs/SM={per_sm} warps={warps}:",
                       [round(int4_decode_us(b, c), 1) for b, c in ((1, 32768), (8, 8192), (32, 8192))], flush=True)
-        triton_kernels.TUNING["decode"] = {"num_warps": 4, "num_stages": 2}
+        for tokens in (16, 32, 64):
+            for warps in (4, 8):
+                tuning["write_tokens"], tuning["write"] = tokens, {"num_warps": warps}
+                print(f"write sweep tokens={tokens} warps={warps}:", round(write_us(16384, 0), 1),
+                      round(write_us(16384, 64), 1), flush=True)
+        for rows in (64, 128):
+            for warps in (4, 8):
+                tuning["prefill_rows"], tuning["prefill"] = rows, {"num_warps": warps, "num_stages": 2}
+                print(f"prefill sweep rows={rows} warps={warps}:", round(prefill_us(4096, 28672, baseline=False)[0], 1), flush=True)
+        return
     for batch, ctx in shapes:
         int4 = int4_decode_us(batch, ctx)
         sdpa = sdpa_decode_us(batch, ctx)

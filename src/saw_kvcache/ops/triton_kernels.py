@@ -29,7 +29,14 @@ from .reference import PagedKV, hadamard_matrix, hadamard_scale
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Launch settings of the attention kernel; the benchmark sweeps them.
-TUNING = {"decode": {"num_warps": 4, "num_stages": 2}, "prefill": {"num_warps": 4, "num_stages": 2}}
+TUNING = {
+    "decode": {"num_warps": 4, "num_stages": 2},
+    "prefill": {"num_warps": 4, "num_stages": 2},
+    "write": {"num_warps": 4},
+    "write_tokens": 16,  # tokens per program of the write kernel
+    "programs_per_sm": 2,  # decode splits the sequence until about this many programs per SM are running
+    "prefill_rows": 64,  # query rows (heads x positions) per program when queries are many
+}
 
 
 def _log2(block: int) -> int:
@@ -42,7 +49,7 @@ def _sm_count(device_index: int) -> int:
 
 
 def _programs_wanted(device: torch.device) -> int:
-    return 4 if device.type != "cuda" else 2 * _sm_count(device.index or 0)
+    return 4 if device.type != "cuda" else TUNING["programs_per_sm"] * _sm_count(device.index or 0)
 
 
 @triton.jit
@@ -104,7 +111,7 @@ def _write_kernel(
     x = _round_to(x, meta_ty).to(tl.float32)
     lo = tl.min(x, axis=1)
     hi = tl.max(x, axis=1)
-    scale_exact = tl.fdiv(hi - lo, 15.0, ieee_rounding=True)
+    scale_exact = tl.math.div_rn(hi - lo, tl.full(hi.shape, 15.0, tl.float32))
     scale = _round_to(scale_exact, meta_ty)
     # Round the scale up to the next representable value when rounding went down (as torch.nextafter).
     if meta_ty == tl.float32:
@@ -118,7 +125,7 @@ def _write_kernel(
         scale = tl.where(scale.to(tl.float32) < scale_exact, bits + 1, bits).to(tl.float16, bitcast=True)
     scale_f = scale.to(tl.float32)
     nonzero = tl.where(scale_f > 0, scale_f, 1.0)
-    inv = tl.where(scale_f > 0, tl.fdiv(tl.full(scale_f.shape, 1.0, tl.float32), nonzero, ieee_rounding=True), 0.0)
+    inv = tl.where(scale_f > 0, tl.math.div_rn(tl.full(scale_f.shape, 1.0, tl.float32), nonzero), 0.0)
     q = tl.floor((x - lo[:, None]) * inv[:, None] + 0.5)
     q = tl.minimum(tl.maximum(q, 0.0), 15.0).to(tl.uint8)
     even, odd = tl.split(tl.reshape(q, (T, D // 2, 2)))
@@ -147,7 +154,7 @@ def write_pages(
     if n == 0:
         return
     page_size = pool.k_codes.shape[2]
-    tokens = 16
+    tokens = TUNING["write_tokens"]
     grid = (triton.cdiv(n, tokens), b * h)
     for x, mean, codes, meta, block in (
         (key, key_mean, pool.k_codes, pool.k_meta, hadamard_block),
@@ -161,7 +168,7 @@ def write_pages(
             start, n, h,
             HAS_MEAN=mean is not None, D=d, P=page_size, T=tokens,
             LOG_BLOCK=_log2(block), SCALE=hadamard_scale(block) if block else 1.0,
-            enable_fp_fusion=False,
+            enable_fp_fusion=False, **TUNING["write"],
         )
 
 
@@ -476,7 +483,7 @@ def _merge_splits_kernel(
 
 def _attention_plan(b: int, h: int, g: int, nq: int, n_pages: int, device: torch.device):
     """(BLOCK_Q, M, number of query blocks, splits, pages per split) for one call."""
-    block_q = max(1, min(triton.next_power_of_2(nq), max(1, 64 // triton.next_power_of_2(g))))
+    block_q = max(1, min(triton.next_power_of_2(nq), max(1, TUNING["prefill_rows"] // triton.next_power_of_2(g))))
     m = max(16, triton.next_power_of_2(g) * block_q)
     q_blocks = triton.cdiv(nq, block_q)
     programs = b * h * q_blocks
