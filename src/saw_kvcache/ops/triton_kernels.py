@@ -30,12 +30,14 @@ from .reference import PagedKV, hadamard_matrix, hadamard_scale
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Launch settings of the attention kernel; the benchmark sweeps them.
 TUNING = {
-    "decode": {"num_warps": 4, "num_stages": 2},
+    "decode": {"num_warps": 8, "num_stages": 2},
     "prefill": {"num_warps": 4, "num_stages": 2},
     "write": {"num_warps": 4},
-    "write_tokens": 16,  # tokens per program of the write kernel
+    "write_tokens": 32,  # tokens per program of the write kernel
     "programs_per_sm": 2,  # decode splits the sequence until about this many programs per SM are running
-    "prefill_rows": 64,  # query rows (heads x positions) per program when queries are many
+    "prefill_rows": 128,  # query rows (heads x positions) per program when queries are many
+    "fast_nibbles": True,  # build code floats from bits (else convert through float32)
+    "rotation_precision": "tf32",  # of the in-kernel rotation by tl.dot for 16-bit inputs
 }
 
 
@@ -49,7 +51,8 @@ def _sm_count(device_index: int) -> int:
 
 
 def _programs_wanted(device: torch.device) -> int:
-    return 4 if device.type != "cuda" else TUNING["programs_per_sm"] * _sm_count(device.index or 0)
+    sms = _sm_count(device.index or 0) if device.type == "cuda" else 2  # the CPU interpreter: pretend 2
+    return TUNING["programs_per_sm"] * sms
 
 
 @triton.jit
@@ -111,7 +114,7 @@ def _write_kernel(
     x = _round_to(x, meta_ty).to(tl.float32)
     lo = tl.min(x, axis=1)
     hi = tl.max(x, axis=1)
-    scale_exact = tl.math.div_rn(hi - lo, tl.full(hi.shape, 15.0, tl.float32))
+    scale_exact = tl.fdiv(hi - lo, 15.0, ieee_rounding=True)
     scale = _round_to(scale_exact, meta_ty)
     # Round the scale up to the next representable value when rounding went down (as torch.nextafter).
     if meta_ty == tl.float32:
@@ -125,7 +128,7 @@ def _write_kernel(
         scale = tl.where(scale.to(tl.float32) < scale_exact, bits + 1, bits).to(tl.float16, bitcast=True)
     scale_f = scale.to(tl.float32)
     nonzero = tl.where(scale_f > 0, scale_f, 1.0)
-    inv = tl.where(scale_f > 0, tl.math.div_rn(tl.full(scale_f.shape, 1.0, tl.float32), nonzero), 0.0)
+    inv = tl.where(scale_f > 0, tl.fdiv(tl.full(scale_f.shape, 1.0, tl.float32), nonzero, ieee_rounding=True), 0.0)
     q = tl.floor((x - lo[:, None]) * inv[:, None] + 0.5)
     q = tl.minimum(tl.maximum(q, 0.0), 15.0).to(tl.uint8)
     even, odd = tl.split(tl.reshape(q, (T, D // 2, 2)))
@@ -261,10 +264,13 @@ def _rotate_by_dot(x, HAD, ROWS: tl.constexpr, D: tl.constexpr, BLOCK: tl.conste
 
 
 @triton.jit
-def _nibbles(codes, ty: tl.constexpr):
+def _nibbles(codes, ty: tl.constexpr, MAGIC: tl.constexpr):
     """(low, high) nibbles of uint8 codes as values of type ty: MAGIC + code exactly (MAGIC = 128 for bfloat16,
     1024 for float16, built from bits: no int-to-float conversion, which is slow) or the code itself (float32)."""
-    if ty == tl.bfloat16:
+    if MAGIC == 0:
+        lo = (codes & 15).to(tl.float32).to(ty)
+        hi = (codes >> 4).to(tl.float32).to(ty)
+    elif ty == tl.bfloat16:
         lo = ((codes & 15).to(tl.int16) | 0x4300).to(tl.bfloat16, bitcast=True)
         hi = ((codes >> 4).to(tl.int16) | 0x4300).to(tl.bfloat16, bitcast=True)
     elif ty == tl.float16:
@@ -374,7 +380,7 @@ def _attention_kernel(
             k_scale, k_off = tl.split(tl.load(KM + row[:, None] * 2 + pair[None, :]).to(tl.float32))
             k_scale = tl.where(kv_ok, k_scale, 0.0)
             k_off = tl.where(kv_ok, k_off, 0.0)
-            k_lo, k_hi = _nibbles(k_codes, dot_ty)
+            k_lo, k_hi = _nibbles(k_codes, dot_ty, MAGIC)
             sc = tl.dot(q_even, tl.trans(k_lo), input_precision=DOT_PRECISION)
             sc = tl.dot(q_odd, tl.trans(k_hi), sc, input_precision=DOT_PRECISION)
             sc = (sc - q_magic[:, None]) * k_scale[None, :] + q_sum[:, None] * k_off[None, :] + q_bias[:, None]
@@ -389,7 +395,7 @@ def _attention_kernel(
             v_scale = tl.where(kv_ok, v_scale, 0.0)
             v_off = tl.where(kv_ok, v_off, 0.0)
             p_scaled = (p * v_scale[None, :]).to(dot_ty)
-            v_lo, v_hi = _nibbles(v_codes, dot_ty)
+            v_lo, v_hi = _nibbles(v_codes, dot_ty, MAGIC)
             acc_even = tl.dot(p_scaled, v_lo, acc_even * alpha[:, None], input_precision=DOT_PRECISION)
             acc_odd = tl.dot(p_scaled, v_hi, acc_odd * alpha[:, None], input_precision=DOT_PRECISION)
             off_acc = off_acc * alpha + tl.sum(p * v_off[None, :] - MAGIC * p_scaled.to(tl.float32), axis=1)
@@ -568,8 +574,9 @@ def paged_attention(
         scaling, softcap or 0.0, _sylvester_pm1(hadamard_block, query.device) if hadamard_block else query,
         G=g, BLOCK_Q=block_q, M=m, D=d, P=page_size, BLOCK_N=64,
         BLOCK=hadamard_block, LOG_BLOCK=_log2(hadamard_block), SCALE=hadamard_scale(hadamard_block) if hadamard_block else 1.0,
-        ROTATE_VALUES=bool(rotate_values and hadamard_block), MAGIC=_magic(query.dtype),
-        ROT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        ROTATE_VALUES=bool(rotate_values and hadamard_block),
+        MAGIC=_magic(query.dtype) if TUNING["fast_nibbles"] else 0.0,
+        ROT_PRECISION="ieee" if query.dtype == torch.float32 else TUNING["rotation_precision"],
         HAS_KMEAN=key_mean is not None, HAS_VMEAN=value_mean is not None, HAS_MASK=mask is not None,
         HAS_SOFTCAP=bool(softcap), HAS_SINKS=sinks is not None, SINGLE_SPLIT=splits == 1,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
