@@ -37,7 +37,7 @@ TUNING = {
     "programs_per_sm": 2,  # decode splits the sequence until about this many programs per SM are running
     "prefill_rows": 128,  # query rows (heads x positions) per program when queries are many
     "fast_nibbles": True,  # build code floats from bits (else convert through float32)
-    "rotation_precision": "tf32",  # of the in-kernel rotation by tl.dot for 16-bit inputs
+    "rotation_precision": "ieee",  # of the in-kernel rotation by tl.dot for 16-bit inputs
 }
 
 
@@ -325,7 +325,7 @@ def _attention_kernel(
     G: tl.constexpr, BLOCK_Q: tl.constexpr, M: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK: tl.constexpr, LOG_BLOCK: tl.constexpr, SCALE: tl.constexpr,
     ROTATE_VALUES: tl.constexpr,
-    MAGIC: tl.constexpr, ROT_PRECISION: tl.constexpr,
+    MAGIC: tl.constexpr, ROT_PRECISION: tl.constexpr, RESIDUAL_DOTS: tl.constexpr,
     HAS_KMEAN: tl.constexpr, HAS_VMEAN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_SINKS: tl.constexpr, SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -360,11 +360,18 @@ def _attention_kernel(
             q_bias = tl.sum(q * tl.load(KMEAN + h * D + d)[None, :], axis=1)
         else:
             q_bias = tl.zeros([M], tl.float32)
-        q_even, q_odd = tl.split(tl.reshape(q_rot, (M, D // 2, 2)))
-        q_even = q_even.to(dot_ty)
-        q_odd = q_odd.to(dot_ty)
+        q_even_f, q_odd_f = tl.split(tl.reshape(q_rot, (M, D // 2, 2)))
+        q_even = q_even_f.to(dot_ty)
+        q_odd = q_odd_f.to(dot_ty)
+        # Decode is bound by memory, not by the tensor cores: there, queries and probabilities also go through
+        # the dots as a second, residual term (hi + lo), so rounding them to 16 bits costs no accuracy.
+        q_even_lo = (q_even_f - q_even.to(tl.float32)).to(dot_ty)
+        q_odd_lo = (q_odd_f - q_odd.to(tl.float32)).to(dot_ty)
         # The dot sees codes + MAGIC; subtract MAGIC * sum(q) with the same rounded q.
-        q_magic = MAGIC * (tl.sum(q_even.to(tl.float32), axis=1) + tl.sum(q_odd.to(tl.float32), axis=1))
+        q_dot_sum = tl.sum(q_even.to(tl.float32), axis=1) + tl.sum(q_odd.to(tl.float32), axis=1)
+        if RESIDUAL_DOTS:
+            q_dot_sum += tl.sum(q_even_lo.to(tl.float32), axis=1) + tl.sum(q_odd_lo.to(tl.float32), axis=1)
+        q_magic = MAGIC * q_dot_sum
         acc_even = tl.zeros([M, D // 2], tl.float32)
         acc_odd = tl.zeros([M, D // 2], tl.float32)
         off_acc = tl.zeros([M], tl.float32)
@@ -383,6 +390,9 @@ def _attention_kernel(
             k_lo, k_hi = _nibbles(k_codes, dot_ty, MAGIC)
             sc = tl.dot(q_even, tl.trans(k_lo), input_precision=DOT_PRECISION)
             sc = tl.dot(q_odd, tl.trans(k_hi), sc, input_precision=DOT_PRECISION)
+            if RESIDUAL_DOTS:
+                sc = tl.dot(q_even_lo, tl.trans(k_lo), sc, input_precision=DOT_PRECISION)
+                sc = tl.dot(q_odd_lo, tl.trans(k_hi), sc, input_precision=DOT_PRECISION)
             sc = (sc - q_magic[:, None]) * k_scale[None, :] + q_sum[:, None] * k_off[None, :] + q_bias[:, None]
             sc = _scale_and_cap(sc, scaling, softcap, HAS_SOFTCAP)
             ok = kv_ok[None, :] & row_ok[:, None]
@@ -394,11 +404,18 @@ def _attention_kernel(
             v_scale, v_off = tl.split(tl.load(VM + row[:, None] * 2 + pair[None, :]).to(tl.float32))
             v_scale = tl.where(kv_ok, v_scale, 0.0)
             v_off = tl.where(kv_ok, v_off, 0.0)
-            p_scaled = (p * v_scale[None, :]).to(dot_ty)
+            p_scaled_f = p * v_scale[None, :]
+            p_scaled = p_scaled_f.to(dot_ty)
             v_lo, v_hi = _nibbles(v_codes, dot_ty, MAGIC)
             acc_even = tl.dot(p_scaled, v_lo, acc_even * alpha[:, None], input_precision=DOT_PRECISION)
             acc_odd = tl.dot(p_scaled, v_hi, acc_odd * alpha[:, None], input_precision=DOT_PRECISION)
-            off_acc = off_acc * alpha + tl.sum(p * v_off[None, :] - MAGIC * p_scaled.to(tl.float32), axis=1)
+            p_dot_sum = p_scaled.to(tl.float32)
+            if RESIDUAL_DOTS:
+                p_scaled_lo = (p_scaled_f - p_scaled.to(tl.float32)).to(dot_ty)
+                acc_even = tl.dot(p_scaled_lo, v_lo, acc_even, input_precision=DOT_PRECISION)
+                acc_odd = tl.dot(p_scaled_lo, v_hi, acc_odd, input_precision=DOT_PRECISION)
+                p_dot_sum += p_scaled_lo.to(tl.float32)
+            off_acc = off_acc * alpha + tl.sum(p * v_off[None, :] - MAGIC * p_dot_sum, axis=1)
         acc = tl.reshape(tl.join(acc_even, acc_odd), (M, D)) + off_acc[:, None]
         # Back to the model's frame: sum p (H v + mean) = H (sum p v) + (sum p) mean.
         if ROTATE_VALUES:
@@ -576,6 +593,7 @@ def paged_attention(
         BLOCK=hadamard_block, LOG_BLOCK=_log2(hadamard_block), SCALE=hadamard_scale(hadamard_block) if hadamard_block else 1.0,
         ROTATE_VALUES=bool(rotate_values and hadamard_block),
         MAGIC=_magic(query.dtype) if TUNING["fast_nibbles"] else 0.0,
+        RESIDUAL_DOTS=query.dtype != torch.float32 and nq <= 16,
         ROT_PRECISION="ieee" if query.dtype == torch.float32 else TUNING["rotation_precision"],
         HAS_KMEAN=key_mean is not None, HAS_VMEAN=value_mean is not None, HAS_MASK=mask is not None,
         HAS_SOFTCAP=bool(softcap), HAS_SINKS=sinks is not None, SINGLE_SPLIT=splits == 1,
