@@ -37,7 +37,8 @@ TUNING = {
     "programs_per_sm": 2,  # decode splits the sequence until about this many programs per SM are running
     "prefill_rows": 128,  # query rows (heads x positions) per program when queries are many
     "fast_nibbles": True,  # build code floats from bits (else convert through float32)
-    "rotation_precision": "ieee",  # of the in-kernel rotation by tl.dot for 16-bit inputs
+    "rotation_precision": "tf32",  # of the in-kernel rotation by tl.dot for 16-bit inputs
+    "residual_dots": True,  # queries and probabilities as hi + lo 16-bit terms in the INT4 dots
 }
 
 
@@ -593,7 +594,7 @@ def paged_attention(
         BLOCK=hadamard_block, LOG_BLOCK=_log2(hadamard_block), SCALE=hadamard_scale(hadamard_block) if hadamard_block else 1.0,
         ROTATE_VALUES=bool(rotate_values and hadamard_block),
         MAGIC=_magic(query.dtype) if TUNING["fast_nibbles"] else 0.0,
-        RESIDUAL_DOTS=query.dtype != torch.float32 and nq <= 16,
+        RESIDUAL_DOTS=query.dtype != torch.float32 and TUNING["residual_dots"],
         ROT_PRECISION="ieee" if query.dtype == torch.float32 else TUNING["rotation_precision"],
         HAS_KMEAN=key_mean is not None, HAS_VMEAN=value_mean is not None, HAS_MASK=mask is not None,
         HAS_SOFTCAP=bool(softcap), HAS_SINKS=sinks is not None, SINGLE_SPLIT=splits == 1,
