@@ -201,6 +201,7 @@ def test_triton_backend_generates_like_the_torch_backend_on_a_tiny_llama():
 
     from saw_kvcache import SawInt4Cache
     from saw_kvcache.evaluation import teacher_forced_logits
+    from saw_kvcache.integration.compat import cache_kwarg_name
 
     config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=8, num_key_value_heads=2, head_dim=64, attn_implementation="saw_int4")
@@ -213,7 +214,7 @@ def test_triton_backend_generates_like_the_torch_backend_on_a_tiny_llama():
     assert (logits["triton"] - logits["torch"]).abs().max() < 2e-3 * logits["torch"].abs().max()
     tokens = {
         backend: model.generate(ids[:, :40], max_new_tokens=8, do_sample=False,
-                                past_key_values=SawInt4Cache(backend=backend))
+                                **{cache_kwarg_name(): SawInt4Cache(backend=backend)})
         for backend in ("torch", "triton")
     }
     assert torch.equal(tokens["torch"], tokens["triton"])
