@@ -218,3 +218,12 @@ def test_triton_backend_generates_like_the_torch_backend_on_a_tiny_llama():
         for backend in ("torch", "triton")
     }
     assert torch.equal(tokens["torch"], tokens["triton"])
+
+
+def test_triton_backend_refuses_head_dims_the_kernels_cannot_tile():
+    from saw_kvcache import SawInt4Cache
+
+    cache = SawInt4Cache(backend="triton", hadamard_block=16)
+    states = torch.randn(1, 2, 3, 80, device=DEVICE)
+    with pytest.raises(RuntimeError, match="power-of-two head dim"):
+        cache.update(states, states, 0)

@@ -96,7 +96,7 @@ class PagedKVStore:
         b, h, _, d = key.shape
         self.batch_size, self.num_heads, self.head_dim = b, h, d
         self.device, self.dtype = key.device, key.dtype
-        self.backend = get_backend(self.config.backend, key.device)
+        self.backend = get_backend(self.config.backend, key.device, head_dim=d)
         pool = self.pool
         if pool is not None and (
             pool.k_codes.device != key.device

@@ -35,8 +35,10 @@ def _triton_backend() -> SimpleNamespace:
     )
 
 
-def triton_unavailable_reason(device: torch.device) -> str | None:
-    """Why backend="triton" cannot run on this device, or None if it can."""
+def triton_unavailable_reason(device: torch.device, head_dim: int | None = None) -> str | None:
+    """Why backend="triton" cannot run on this device (and head dim), or None if it can."""
+    if head_dim is not None and (head_dim < 32 or head_dim > 256 or head_dim & (head_dim - 1)):
+        return f"the kernels need a power-of-two head dim from 32 to 256, and this model's is {head_dim}"
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -56,17 +58,18 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
     )
 
 
-def get_backend(name: str, device: torch.device) -> SimpleNamespace:
-    """Resolve "auto", "torch" or "triton" for tensors on `device`. "auto" is Triton on CUDA, else torch."""
+def get_backend(name: str, device: torch.device, head_dim: int | None = None) -> SimpleNamespace:
+    """Resolve "auto", "torch" or "triton" for tensors on `device`. "auto" is Triton on CUDA where the kernels
+    support the head dim, else torch."""
     if name == "torch":
         return TORCH_BACKEND
     if name == "triton":
-        reason = triton_unavailable_reason(device)
+        reason = triton_unavailable_reason(device, head_dim)
         if reason is not None:
             raise RuntimeError(f"SawInt4Cache(backend='triton') cannot run on {device}: {reason}. Use backend='torch'.")
         return _triton_backend()
     if name == "auto":
-        if device.type == "cuda" and triton_unavailable_reason(device) is None:
+        if device.type == "cuda" and triton_unavailable_reason(device, head_dim) is None:
             return _triton_backend()
         return TORCH_BACKEND
     raise ValueError(f"unknown backend {name!r}; expected 'auto', 'torch' or 'triton'")
