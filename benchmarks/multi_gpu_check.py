@@ -44,7 +44,9 @@ def prompt(device) -> torch.Tensor:
 
 def greedy(model, device) -> list:
     cache = SawInt4Cache()
-    out = model.generate(prompt(device), max_new_tokens=NEW_TOKENS, do_sample=False, **{cache_kwarg_name(): cache})
+    ids = prompt(device)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
+                         **{cache_kwarg_name(): cache})
     devices = sorted({str(layer.store.pool.k_codes.device) for layer in cache.layers})
     return out[:, -NEW_TOKENS:].tolist(), devices, cache.layers[0].store.backend.name
 
@@ -57,7 +59,7 @@ def run_mode(mode: str, folder: str, out: str) -> None:
     elif mode == "device_map":
         count = torch.cuda.device_count()
         model = AutoModelForCausalLM.from_pretrained(
-            folder, device_map="auto", max_memory={i: "40MiB" for i in range(count)} | {"cpu": "0GiB"}, **kw
+            folder, device_map="auto", max_memory={i: "48MiB" for i in range(count)} | {"cpu": "0GiB"}, **kw
         )
         device = "cuda:0"
     else:  # tensor parallel, one process per GPU under torchrun
