@@ -479,30 +479,45 @@ def _merge_splits_kernel(
     PART_M, PART_L, PART_ACC, SINKS, OUT, so_b, so_n, so_h,
     nq, H, num_splits, num_q_blocks,
     G: tl.constexpr, BLOCK_Q: tl.constexpr, M: tl.constexpr, D: tl.constexpr, HAS_SINKS: tl.constexpr,
+    SPLIT_BLOCK: tl.constexpr,
 ):
+    """One program per query row: merges the row's partial (max, sum, output) of every split, SPLIT_BLOCK
+    splits per load, so that many splits cost wide loads rather than a long chain of small ones."""
     qb = tl.program_id(0)
     bh = tl.program_id(1)
+    row = tl.program_id(2)
     b = bh // H
     h = bh % H
-    rows = tl.arange(0, M)
-    g = rows // BLOCK_Q
-    qi = qb * BLOCK_Q + rows % BLOCK_Q
-    row_ok = (g < G) & (qi < nq)
-    d = tl.arange(0, D)
-    m_i = tl.full([M], float("-inf"), tl.float32)
-    l_i = tl.zeros([M], tl.float32)
-    acc = tl.zeros([M, D], tl.float32)
-    for s in range(0, num_splits):
-        part = ((bh * num_q_blocks + qb) * num_splits + s) * M + rows
-        m_s = tl.load(PART_M + part)
-        m_new = tl.maximum(m_i, m_s)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        beta = tl.exp(m_s - m_safe)
-        l_i = l_i * alpha + tl.load(PART_L + part) * beta
-        acc = acc * alpha[:, None] + tl.load(PART_ACC + part[:, None] * D + d[None, :]) * beta[:, None]
-        m_i = m_new
-    _finish_and_store(acc, m_i, l_i, SINKS, OUT, b, h, g, qi, row_ok, so_b, so_n, so_h, G, D, HAS_SINKS)
+    g = row // BLOCK_Q
+    qi = qb * BLOCK_Q + row % BLOCK_Q
+    if (g < G) & (qi < nq):
+        d = tl.arange(0, D)
+        m_i = tl.max(tl.full([SPLIT_BLOCK], float("-inf"), tl.float32), axis=0)
+        l_i = tl.sum(tl.zeros([SPLIT_BLOCK], tl.float32), axis=0)
+        acc = tl.zeros([D], tl.float32)
+        first = (bh * num_q_blocks + qb) * num_splits
+        for s0 in range(0, num_splits, SPLIT_BLOCK):
+            s = s0 + tl.arange(0, SPLIT_BLOCK)
+            s_ok = s < num_splits
+            part = (first + s) * M + row
+            m_s = tl.load(PART_M + part, mask=s_ok, other=float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(m_s, axis=0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            beta = tl.exp(m_s - m_safe)
+            l_i = l_i * alpha + tl.sum(tl.load(PART_L + part, mask=s_ok, other=0.0) * beta, axis=0)
+            part_acc = tl.load(PART_ACC + part[:, None] * D + d[None, :], mask=s_ok[:, None], other=0.0)
+            acc = acc * alpha + tl.sum(part_acc * beta[:, None], axis=0)
+            m_i = m_new
+        if HAS_SINKS:
+            sink = tl.load(SINKS + h * G + g).to(tl.float32)
+            m_new = tl.maximum(m_i, sink)
+            alpha = tl.exp(m_i - m_new)
+            l_i = l_i * alpha + tl.exp(sink - m_new)
+            acc = acc * alpha
+        out = acc / tl.where(l_i > 0, l_i, 1.0)
+        ptr = OUT + b * so_b + qi * so_n + (h * G + g) * so_h + d
+        tl.store(ptr, _round_to(out, OUT.dtype.element_ty))
 
 
 def _attention_plan(b: int, h: int, g: int, nq: int, n_pages: int, device: torch.device):
@@ -602,10 +617,11 @@ def paged_attention(
         **TUNING["decode" if nq <= 16 else "prefill"],
     )
     if splits > 1:
-        _merge_splits_kernel[(q_blocks, b * h)](
+        _merge_splits_kernel[(q_blocks, b * h, m)](
             part_m, part_l, part_acc, sinks if sinks is not None else query,
             out, out.stride(0), out.stride(1), out.stride(2),
             nq, h, splits, q_blocks,
             G=g, BLOCK_Q=block_q, M=m, D=d, HAS_SINKS=sinks is not None,
+            SPLIT_BLOCK=min(32, triton.next_power_of_2(splits)),
         )
     return out
