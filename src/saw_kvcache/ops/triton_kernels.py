@@ -16,6 +16,7 @@ No launcher synchronizes with the GPU or reads GPU values on the host; grids dep
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -142,7 +143,12 @@ def _write_kernel(
     tl.store(META + row * 2 + 1, _round_to(lo, meta_ty), mask=t_ok)
 
 
-def write_pages(
+def _on_device(tensor: torch.Tensor):
+    """Kernels launch on the current CUDA device: make it the device of the data (layers split over GPUs)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+def _write_pages(
     pool: PagedKV,
     block_table: torch.Tensor,
     start: int,
@@ -209,7 +215,7 @@ def _dequantize_kernel(
     tl.store(out, _round_to(x, OUT.dtype.element_ty), mask=ok[:, None])
 
 
-def dequantize_pages(
+def _dequantize_pages(
     pool: PagedKV,
     block_table: torch.Tensor,
     num_tokens: int,
@@ -534,7 +540,7 @@ def _attention_plan(b: int, h: int, g: int, nq: int, n_pages: int, device: torch
     return block_q, m, q_blocks, splits, pages_per_split
 
 
-def paged_attention(
+def _paged_attention(
     query: torch.Tensor,
     pool: Optional[PagedKV],
     block_table: Optional[torch.Tensor],
@@ -625,3 +631,22 @@ def paged_attention(
             SPLIT_BLOCK=min(32, triton.next_power_of_2(splits)),
         )
     return out
+
+
+def write_pages(pool, block_table, start, key, value, key_mean, value_mean, hadamard_block, rotate_values):
+    """Same contract as reference.write_pages."""
+    with _on_device(key):
+        return _write_pages(pool, block_table, start, key, value, key_mean, value_mean, hadamard_block, rotate_values)
+
+
+def dequantize_pages(pool, block_table, num_tokens, key_mean, value_mean, hadamard_block, rotate_values, dtype):
+    """Same contract as reference.dequantize_pages."""
+    with _on_device(block_table):
+        return _dequantize_pages(pool, block_table, num_tokens, key_mean, value_mean, hadamard_block,
+                                 rotate_values, dtype)
+
+
+def paged_attention(query, *args, **kwargs):
+    """Same contract as reference.paged_attention (boolean or no mask)."""
+    with _on_device(query):
+        return _paged_attention(query, *args, **kwargs)
