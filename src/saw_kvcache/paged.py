@@ -44,6 +44,7 @@ class PagedKVStore:
         self.window_key = self.window_value = None
         self.key_mean = self.value_mean = None
         self.may_share = False
+        self.origin: Optional[str] = None  # "loaded from <file>" for a cache rebuilt by load_state
         if self.pool is not None:
             self.free_pages = list(range(self.pool.k_codes.shape[0] - 1, -1, -1))
 
@@ -66,6 +67,29 @@ class PagedKVStore:
             )
         if key.dtype not in SUPPORTED_DTYPES or value.dtype != key.dtype:
             raise ValueError(f"{where}: key/value dtype must be one of float32, float16, bfloat16 (and equal), got {key.dtype}/{value.dtype}.")
+        if self.batch_size is not None:
+            loaded = (
+                f" This cache was {self.origin}; is this the model (and device) it was saved from? "
+                "saw_kvcache.serialization.check_compatible(cache, model) compares the two."
+                if self.origin else ""
+            )
+            if key.shape[0] != self.batch_size:
+                raise ValueError(
+                    f"{where}: batch size changed from {self.batch_size} to {key.shape[0]} on a non-empty cache. "
+                    "Call cache.reset() (or use a new SawInt4Cache) before running a different batch." + loaded
+                )
+            if key.device != self.device:
+                raise ValueError(
+                    f"{where}: the cache holds tensors on {self.device} but got states on {key.device}. "
+                    + ("Load it with SawInt4Cache.load(path, device=...) on the model's device." + loaded if self.origin
+                       else "Call cache.reset() before moving the model to another device.")
+                )
+            if key.dtype != self.dtype or key.shape[1] != self.num_heads or key.shape[3] != self.head_dim:
+                raise ValueError(
+                    f"{where}: states {tuple(key.shape)} {key.dtype} do not match the cached "
+                    f"[{self.batch_size}, {self.num_heads}, *, {self.head_dim}] {self.dtype}. "
+                    + (loaded.strip() if self.origin else "Call cache.reset() first.")
+                )
         d, block = key.shape[-1], self.config.hadamard_block
         if d % 2:
             raise ValueError(f"{where}: head dim {d} is odd; INT4 packs two values per byte. This model needs an even head dim.")
@@ -75,22 +99,6 @@ class PagedKVStore:
                 f"{where}: head dim {d} is not divisible by hadamard_block={block}. "
                 f"Fix: SawInt4Cache(hadamard_block=...) with one of {divisors}, or 0 for no rotation."
             )
-        if self.batch_size is not None:
-            if key.shape[0] != self.batch_size:
-                raise ValueError(
-                    f"{where}: batch size changed from {self.batch_size} to {key.shape[0]} on a non-empty cache. "
-                    "Call cache.reset() (or use a new SawInt4Cache) before running a different batch."
-                )
-            if key.device != self.device:
-                raise ValueError(
-                    f"{where}: the cache holds tensors on {self.device} but got states on {key.device}. "
-                    "Call cache.reset() before moving the model to another device."
-                )
-            if key.dtype != self.dtype or key.shape[1] != self.num_heads or key.shape[3] != self.head_dim:
-                raise ValueError(
-                    f"{where}: states {tuple(key.shape)} {key.dtype} do not match the cached "
-                    f"[{self.batch_size}, {self.num_heads}, *, {self.head_dim}] {self.dtype}. Call cache.reset() first."
-                )
 
     def _start(self, key: torch.Tensor) -> None:
         b, h, _, d = key.shape
@@ -309,6 +317,84 @@ class PagedKVStore:
             self.window_key = self.window_key.index_select(0, dev_idx)
             self.window_value = self.window_value.index_select(0, dev_idx)
         self.may_share = True
+
+    # ---------------------------------------------------------------------------------------------- state
+
+    def export_state(self) -> dict:
+        """The stored tokens, independent of how the pool numbers its pages (for saving to a file).
+
+        Returns a dict, tensors on the store's device:
+          * scalars ``length``, ``num_paged``, ``batch_size``, ``num_heads``, ``head_dim``, ``dtype``, ``device``;
+          * ``pages``: a PagedKV of the pages in use in block-table order, codes [B, n_columns, H, P, D/2] and
+            meta [B, n_columns, H, P, 2]; a page shared by several sequences (after a beam reorder) appears once per
+            sequence; slots at or after ``num_paged`` (stale or never written) are zero;
+          * ``window_key``/``window_value``: positions [num_paged, length) in position order, [B, H, n, D]
+            (None when residual_length is 0);
+          * ``key_mean``/``value_mean``: [H, D] float32 or None.
+        """
+        if self.batch_size is None:
+            raise ValueError(f"SawInt4Cache layer {self.layer_idx} holds no tokens (never used, or reset).")
+        columns = self.columns_used
+        pages = None
+        if columns:
+            ids = self.block_table_host[:, :columns].long().to(self.device)
+            pages = PagedKV(*(t[ids] for t in self.pool))  # advanced indexing copies
+            tail = self.num_paged - (columns - 1) * self.page_size
+            if tail < self.page_size:
+                for t in pages:
+                    t[:, -1, :, tail:] = 0
+        else:
+            p, d, h, b = self.page_size, self.head_dim, self.num_heads, self.batch_size
+            kw = dict(device=self.device)
+            codes = torch.zeros(b, 0, h, p, d // 2, dtype=torch.uint8, **kw)
+            meta = torch.zeros(b, 0, h, p, 2, dtype=self.dtype, **kw)
+            pages = PagedKV(codes, meta, codes.clone(), meta.clone())
+        window = None
+        if self.config.residual_length:
+            window = self._window(self.num_paged, self.length)
+            if window is None:
+                empty = torch.zeros(self.batch_size, self.num_heads, 0, self.head_dim, dtype=self.dtype, device=self.device)
+                window = (empty, empty.clone())
+            window = (window[0].clone(), window[1].clone())
+        return dict(
+            length=self.length, num_paged=self.num_paged, batch_size=self.batch_size, num_heads=self.num_heads,
+            head_dim=self.head_dim, dtype=self.dtype, device=self.device, pages=pages,
+            window_key=None if window is None else window[0], window_value=None if window is None else window[1],
+            key_mean=self.key_mean, value_mean=self.value_mean,
+        )
+
+    def load_state(self, state: dict, device: torch.device, origin: Optional[str] = None) -> None:
+        """Fill this (empty) store from `export_state`'s dict, moving every tensor to `device`: a fresh pool holding
+        exactly the saved pages (block table = arange), the window ring refilled so that slot = position % R, the
+        centering vectors. The caller validates shapes first. `origin` ("loaded from <file>") goes into the
+        messages of later shape errors."""
+        device = torch.device(device)
+        b, h, d = state["batch_size"], state["num_heads"], state["head_dim"]
+        length, num_paged = state["length"], state["num_paged"]
+        dtype, p, r = state["dtype"], self.page_size, self.config.residual_length
+        self.reset()
+        self.pool, self.free_pages = None, []
+        self.batch_size, self.num_heads, self.head_dim = b, h, d
+        self.device, self.dtype = device, dtype
+        self.backend = get_backend(self.config.backend, device, head_dim=d)
+        self.block_table_host = torch.zeros(b, 0, dtype=torch.int32)
+        self.block_table = torch.zeros(b, 0, dtype=torch.int32, device=device)
+        pages = state["pages"]
+        columns = pages.k_codes.shape[1]
+        if columns:
+            self.pool = PagedKV(*(t.to(device).reshape(b * columns, *t.shape[2:]).contiguous() for t in pages))
+            self._set_columns(0, torch.arange(b * columns, dtype=torch.int32).view(b, columns))
+        if r:
+            self.window_key = torch.zeros(b, h, r, d, dtype=dtype, device=device)
+            self.window_value = torch.zeros_like(self.window_key)
+            if length > num_paged:
+                slots = torch.arange(num_paged, length, device=device) % r
+                self.window_key[:, :, slots] = state["window_key"].to(device)
+                self.window_value[:, :, slots] = state["window_value"].to(device)
+        mean = lambda t: None if t is None else t.to(device, torch.float32).contiguous()  # noqa: E731
+        self.key_mean, self.value_mean = mean(state["key_mean"]), mean(state["value_mean"])
+        self.length, self.num_paged = length, num_paged
+        self.origin = origin
 
     # ---------------------------------------------------------------------------------------------- memory
 

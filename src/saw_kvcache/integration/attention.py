@@ -45,6 +45,9 @@ def saw_int4_attention_forward(
     layer = view.layer
     layer.read_by_saw_attention = True
     layer.awaiting_saw_attention = False
-    chunk_key, chunk_value = key[:, :, view.chunk_start :], value[:, :, view.chunk_start :]
+    if view.chunk_key is not None and value is view.returned_values:
+        chunk_key, chunk_value = view.chunk_key, view.chunk_value
+    else:
+        chunk_key, chunk_value = key[:, :, view.chunk_start :], value[:, :, view.chunk_start :]
     out = layer.store.attend(query, chunk_key, chunk_value, view.past_length, attention_mask, scaling, softcap, s_aux)
     return out, None

@@ -25,6 +25,12 @@ class SawView:
     layer: "SawInt4Layer"
     past_length: int
     chunk_start: int
+    # When the dequantized past is returned in front of the chunk: the chunk's own tensors and the returned
+    # values, so that the attention reads the very tensors (same strides, hence bit-identical results) that it
+    # reads when only the chunk is returned.
+    chunk_key: Optional[torch.Tensor] = None
+    chunk_value: Optional[torch.Tensor] = None
+    returned_values: Optional[torch.Tensor] = None
 
 
 class SawInt4Layer(CacheLayerMixin):
@@ -82,9 +88,9 @@ class SawInt4Layer(CacheLayerMixin):
             if past:
                 old_keys, old_values = self.store.dequantize(past)
                 keys, values = torch.cat([old_keys, key_states], 2), torch.cat([old_values, value_states], 2)
-            else:
-                keys, values = key_states, value_states
-            chunk_start = past
+                keys._saw_view = SawView(self, past, past, key_states, value_states, values)
+                return keys, values
+            keys, values, chunk_start = key_states, value_states, 0
         keys._saw_view = SawView(self, past, chunk_start)
         return keys, values
 
@@ -155,11 +161,18 @@ class SawInt4Cache(Cache):
         self.config = dataclasses.replace(config or SawInt4Config(), **overrides)
         super().__init__(layers=[])
         self._warned_fallback = False
+        self.loaded_from: Optional[str] = None  # the file of SawInt4Cache.load
 
     def __repr__(self):
         return f"SawInt4Cache({self.config}, layers={len(self.layers)})"
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if layer_idx >= len(self.layers) and self.layers and self.layers[0].store.origin:
+            raise ValueError(
+                f"SawInt4Cache: the model wrote layer {layer_idx}, but this cache was {self.layers[0].store.origin} "
+                f"and holds {len(self.layers)} layers: the model is not the one the cache was saved from. "
+                "saw_kvcache.serialization.check_compatible(cache, model) compares the two."
+            )
         while len(self.layers) <= layer_idx:
             self.layers.append(SawInt4Layer(self.config, len(self.layers), self))
         return self.layers[layer_idx].update(key_states, value_states)
@@ -177,6 +190,30 @@ class SawInt4Cache(Cache):
     def crop(self, tokens_to_remove: int) -> None:
         for layer in self.layers:
             layer.crop(tokens_to_remove)
+
+    def save(self, path) -> None:
+        """Write the cache in its 4-bit form to one safetensors file (only the pages in use, the window, the
+        centering vectors, the lengths, the configuration and a fingerprint of the model's shape).
+        See `saw_kvcache.serialization` and docs/serialization.md."""
+        from ..serialization import save_cache
+
+        save_cache(self, path)
+
+    @classmethod
+    def load(cls, path, device=None, model=None, *, backend: Optional[str] = None) -> "SawInt4Cache":
+        """A new cache holding what `save` wrote to `path`, ready to continue generating.
+
+        Args:
+            device: where to put it (default: the device it was saved from if it exists here, else the CPU).
+            model: if given, raise CacheMismatchError unless the file was saved from a model of this shape
+                (layers, KV heads, head dim, dtype).
+            backend: overrides the saved configuration's backend.
+
+        A truncated, corrupted or otherwise unloadable file raises CacheFileError (a ValueError) naming the problem,
+        before anything is built."""
+        from ..serialization import load_cache
+
+        return load_cache(path, device=device, model=model, backend=backend)
 
     def memory_footprint(self) -> int:
         """Bytes of KV storage the cache holds now: INT4 pages in use (with their scales and offsets), the
