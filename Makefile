@@ -23,4 +23,5 @@ test: install
 # The oldest supported transformers (what the GPU image has): the transformers-facing tests again.
 test-oldest-transformers:
 	$(MAKE) install VENV=.venv-oldest TRANSFORMERS="transformers==5.17.0"
-	.venv-oldest/bin/python -m pytest -q tests/test_transformers_integration.py tests/test_smollm2.py
+	.venv-oldest/bin/python -m pytest -q tests/test_transformers_integration.py tests/test_smollm2.py \
+		tests/test_static_cache.py tests/test_bench.py

@@ -1,6 +1,6 @@
 """Time the SAW-INT4 Triton kernels against torch SDPA on BF16, on a CUDA GPU.
 
-    python benchmarks/bench_kernels.py [--out DIR] [--quick]
+    python benchmarks/bench_kernels.py [--out DIR] [--quick] [--sweep] [--tuning JSON]
 
 Every kernel is timed with CUDA graphs over distinct per-layer buffers (enough layers that the data is several
 times the L2 cache), with CUDA events around many graph replays; the median of several timings is reported.
@@ -141,7 +141,7 @@ def write_us(tokens, block):
     return us
 
 
-def prefill_us(chunk, ctx, baseline=True):
+def prefill_us(chunk, ctx, baseline=True, repeats=5):
     """A chunk of `chunk` new tokens over `ctx` earlier tokens: INT4 pages vs BF16 SDPA over ctx + chunk."""
     q = torch.randn(1, HQ, chunk, D, device="cuda", dtype=DTYPE)
     ck = torch.randn(1, HKV, chunk, D, device="cuda", dtype=DTYPE)
@@ -156,7 +156,7 @@ def prefill_us(chunk, ctx, baseline=True):
             q, pool, table, ctx, None, None, ck, cv, None, D**-0.5, None, None, mean, None, 64, True
         )
 
-    int4 = time_graph(run_int4, layers, repeats=5)
+    int4 = time_graph(run_int4, layers, repeats=repeats, trials=3 if repeats < 5 else 5)
     del pools
     torch.cuda.empty_cache()
     if not baseline:
@@ -183,6 +183,47 @@ def prefill_us(chunk, ctx, baseline=True):
     return int4, time_graph(run_sdpa, layers, repeats=5)
 
 
+def _best(label, candidates, measure):
+    """Time measure() under each candidate dict of TUNING updates; keep the fastest in TUNING; return all."""
+    tuning = triton_kernels.TUNING
+    results = []
+    for update in candidates:
+        tuning.update(update)
+        try:
+            us = measure()
+        except Exception as error:  # a setting that does not compile (e.g. out of shared memory) is skipped
+            print(f"  {label} {update}: failed ({type(error).__name__}: {str(error)[:100]})", flush=True)
+            continue
+        results.append((us, update))
+        print(f"  {label} {update}: {us:.1f} us", flush=True)
+    best = min(results, key=lambda r: r[0])
+    tuning.update(best[1])
+    print(f"{label}: best {best[1]} at {best[0]:.1f} us", flush=True)
+    return [{"us": us, **update} for us, update in results]
+
+
+def sweep():
+    """Launch settings of each kernel, chosen by time on this GPU (sum over a few representative shapes)."""
+    decode_shapes = ((1, 32768), (8, 8192), (32, 8192))
+    decode_total = lambda: sum(int4_decode_us(b, c) for b, c in decode_shapes)  # noqa: E731
+    log = {}
+    # num_stages barely mattered on an H200 (Triton does not pipeline these gathered loads): prefetching does it.
+    log["decode"] = _best("decode", [
+        {"decode_block_n": n, "decode_prefetch": pf, "decode": {"num_warps": w, "num_stages": 2}}
+        for n in (64, 128, 256) for w in (4, 8) for pf in (False, True)
+    ], decode_total)
+    log["decode_programs"] = _best("decode programs/SM", [{"programs_per_sm": k} for k in (1, 2, 4, 8)], decode_total)
+    log["write"] = _best("write", [
+        {"write_butterfly": bf, "write_tokens": t, "write": {"num_warps": w}}
+        for bf in ("reshape", "gather") for t in (16, 32, 64) for w in (4, 8)
+    ], lambda: write_us(16384, 64))
+    log["prefill"] = _best("prefill", [
+        {"prefill_block_n": n, "prefill_rows": r, "prefill_prefetch": pf, "prefill": {"num_warps": w, "num_stages": 2}}
+        for n in (64, 128) for r in (64, 128) for w in (4, 8) for pf in (False, True)
+    ], lambda: prefill_us(4096, 28672, baseline=False, repeats=2)[0])
+    return log
+
+
 def environment():
     commit = os.environ.get("SAW_COMMIT") or subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
@@ -200,29 +241,19 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for results.json and results.md")
     parser.add_argument("--quick", action="store_true", help="two decode shapes only")
-    parser.add_argument("--sweep", action="store_true", help="also time decode at other num_warps/num_stages")
+    parser.add_argument("--sweep", action="store_true",
+                        help="first time each kernel over its launch settings and keep the fastest for the table")
+    parser.add_argument("--tuning", help="JSON object of TUNING overrides, applied before everything else")
     args = parser.parse_args()
     env = environment()
     rows = []
     shapes = DECODE_SHAPES[:2] if args.quick else DECODE_SHAPES
+    if args.tuning:
+        triton_kernels.TUNING.update(json.loads(args.tuning))
     if args.sweep:
-        tuning = triton_kernels.TUNING
-        for per_sm in (2, 8, 16, 32):
-            for warps in (4, 8):
-                tuning["programs_per_sm"] = per_sm
-                tuning["decode"] = {"num_warps": warps, "num_stages": 2}
-                print(f"decode sweep programs/SM={per_sm} warps={warps}:",
-                      [round(int4_decode_us(b, c), 1) for b, c in ((1, 32768), (8, 8192), (32, 8192))], flush=True)
-        for tokens in (16, 32, 64):
-            for warps in (4, 8):
-                tuning["write_tokens"], tuning["write"] = tokens, {"num_warps": warps}
-                print(f"write sweep tokens={tokens} warps={warps}:", round(write_us(16384, 0), 1),
-                      round(write_us(16384, 64), 1), flush=True)
-        for rows in (64, 128):
-            for warps in (4, 8):
-                tuning["prefill_rows"], tuning["prefill"] = rows, {"num_warps": warps, "num_stages": 2}
-                print(f"prefill sweep rows={rows} warps={warps}:", round(prefill_us(4096, 28672, baseline=False)[0], 1), flush=True)
-        return
+        env["sweep"] = sweep()
+        print("tuning after sweep:", json.dumps(triton_kernels.TUNING), flush=True)
+    env["tuning"] = dict(triton_kernels.TUNING)
     for batch, ctx in shapes:
         int4 = int4_decode_us(batch, ctx)
         sdpa = sdpa_decode_us(batch, ctx)

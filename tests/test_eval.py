@@ -22,7 +22,8 @@ TEXT = os.path.join(LICENSE_DIR, "GPL-3")
 
 @pytest.fixture(scope="module")
 def cli_run(smollm2, tmp_path_factory, monkeypatch_module):
-    """`saw-kvcache eval` on 320 tokens: full precision, naive INT4 and the defaults; passkey at 256 tokens.
+    """`saw-kvcache eval` on 320 tokens: full precision, naive INT4, the defaults (window 64) and the defaults at
+    window 0 (every older token read from INT4); passkey at 256 tokens.
     The model the CLI loads is the session's SmolLM2 (loading it again would take half a minute)."""
     if not os.path.exists(TEXT):
         pytest.skip(f"{TEXT} is missing")
@@ -34,7 +35,7 @@ def cli_run(smollm2, tmp_path_factory, monkeypatch_module):
     out = tmp_path_factory.mktemp("eval")
     argv = [
         "eval", "--model", "smollm2", "--text", TEXT, "--tokens", "320", "--prefill", "64", "--chunk", "32",
-        "--config", "default=", "--passkey-lengths", "256", "--passkey-depths", "0.5", "--out", str(out),
+        "--config", "default=", "--config", "window 0=residual_length=0", "--passkey-lengths", "256", "--passkey-depths", "0.5", "--out", str(out),
         "--name", "smoke", "--no-progress",
     ]
     attn_before = model.config._attn_implementation
@@ -59,7 +60,7 @@ def test_cli_writes_markdown_json_and_png(cli_run, capsys):
     out, result = cli_run
     table = (out / "smoke.md").read_text()
     assert "| full precision |" in table and f"| {NAIVE} |" in table and "| default |" in table
-    assert [row["name"] for row in result["rows"]] == ["full precision", NAIVE, "default"]
+    assert [row["name"] for row in result["rows"]] == ["full precision", NAIVE, "default", "window 0"]
     assert result["meta"]["tokens"] == 320 and result["meta"]["scored"] == 256
     if importlib.util.find_spec("matplotlib") is not None:
         assert (out / "smoke.png").stat().st_size > 10_000
@@ -75,15 +76,20 @@ def test_full_precision_has_zero_kl_against_itself(cli_run):
 
 def test_default_beats_naive_int4_on_kl(cli_run):
     # The ordering of docs/accuracy.md (2,048 tokens): a regression in rotation, centering or quantization breaks it.
+    # Compared at window 0, so that the full-precision window (the default 64) cannot hide such a regression.
     rows = rows_by_name(cli_run[1])
-    assert rows["default"]["kl"] < 0.75 * rows[NAIVE]["kl"], (rows["default"]["kl"], rows[NAIVE]["kl"])
-    assert rows["default"]["kl"] > 1e-3  # the INT4 cache is really read
-    assert rows["default"]["top1"] >= rows[NAIVE]["top1"]
+    window0 = rows["window 0"]
+    assert window0["kl"] < 0.75 * rows[NAIVE]["kl"], (window0["kl"], rows[NAIVE]["kl"])
+    assert window0["kl"] > 1e-3  # the INT4 cache is really read
+    assert window0["top1"] >= rows[NAIVE]["top1"]
+    # The default's window (64 tokens in full precision) brings it closer still.
+    assert rows["default"]["kl"] < window0["kl"], (rows["default"]["kl"], window0["kl"])
+    assert rows["default"]["config"]["residual_length"] == 64 and window0["config"]["residual_length"] == 0
 
 
 def test_passkey_runs_and_full_precision_finds_the_key(cli_run):
     passkey = {p["name"]: p for p in cli_run[1]["passkey"]}
-    assert set(passkey) == {"full precision", NAIVE, "default"}
+    assert set(passkey) == {"full precision", NAIVE, "default", "window 0"}
     (case,) = passkey["full precision"]["cases"]
     assert 200 < case["tokens"] < 300 and case["correct"], case
 
@@ -113,7 +119,9 @@ def test_parse_config():
     assert row.fields == {"hadamard_block": 64, "center_keys": False, "residual_length": 32}
     assert parse_config("auto=center_keys=auto").fields == {"center_keys": "auto"}
     assert parse_config("default=").config(head_dim=32).hadamard_block == 32  # capped at the head dim
-    assert parse_config("naive").config(64) == SawInt4Config(hadamard_block=0, rotate_values=False, center_keys=False)
+    assert parse_config("naive").config(64) == SawInt4Config(
+        hadamard_block=0, rotate_values=False, center_keys=False, residual_length=0
+    )
     with pytest.raises(ValueError, match="unknown field"):
         parse_config("x=hadamard=64")
     with pytest.raises(ValueError, match="hadamard_block"):

@@ -215,8 +215,8 @@ def test_greedy_generate_equals_dequantized_fallback_and_differs_from_exact_logi
     model = tiny_model("llama")
     ids = random_ids(1, 10)
     kwargs = dict(max_new_tokens=12, output_logits=True, return_dict_in_generate=True)
-    saw = generate(model, "saw_int4", ids, SawInt4Cache(hadamard_block=16), **kwargs)
-    fallback = generate(model, "sdpa", ids, SawInt4Cache(hadamard_block=16), **kwargs)
+    saw = generate(model, "saw_int4", ids, SawInt4Cache(hadamard_block=16, residual_length=0), **kwargs)
+    fallback = generate(model, "sdpa", ids, SawInt4Cache(hadamard_block=16, residual_length=0), **kwargs)
     exact = generate(model, "sdpa", ids, DynamicCache(), **kwargs)
     assert saw.sequences.shape == (1, 22)
     assert torch.equal(saw.sequences, fallback.sequences)
@@ -233,13 +233,13 @@ def test_sampling_is_reproducible_with_a_seed_and_equals_fallback(quiet):
     runs = []
     for impl in ("saw_int4", "saw_int4", "sdpa"):
         torch.manual_seed(1234)
-        runs.append(generate(model, impl, ids, SawInt4Cache(hadamard_block=16), do_sample=True, top_k=0, max_new_tokens=10))
+        runs.append(generate(model, impl, ids, SawInt4Cache(hadamard_block=16, residual_length=0), do_sample=True, top_k=0, max_new_tokens=10))
     assert torch.equal(runs[0], runs[1])
     assert torch.equal(runs[0], runs[2])
     new = runs[0][:, 8:]
     assert new.shape == (2, 10) and int(new.min()) >= 0 and int(new.max()) < VOCAB
     # It really sampled: greedy decoding gives other tokens.
-    greedy = generate(model, "saw_int4", ids, SawInt4Cache(hadamard_block=16), max_new_tokens=10)
+    greedy = generate(model, "saw_int4", ids, SawInt4Cache(hadamard_block=16, residual_length=0), max_new_tokens=10)
     assert not torch.equal(greedy, runs[0])
 
 
@@ -247,7 +247,7 @@ def test_sampling_is_reproducible_with_a_seed_and_equals_fallback(quiet):
 def test_left_padded_batch_rows_equal_unpadded_single_runs(hadamard_block):
     # center_keys=False: the key mean is estimated over the whole first batch (its pad tokens included), so with
     # centering a row's quantization depends on the other rows; without it, quantization is per token.
-    make = lambda: SawInt4Cache(hadamard_block=hadamard_block, center_keys=False)  # noqa: E731
+    make = lambda: SawInt4Cache(hadamard_block=hadamard_block, center_keys=False, residual_length=0)  # noqa: E731
     model = tiny_model("llama")
     long, short = random_ids(1, 12, seed=1), random_ids(1, 7, seed=2)
     batch = torch.cat([long, torch.cat([torch.zeros(1, 5, dtype=torch.long), short], 1)])
@@ -265,7 +265,7 @@ def test_left_padded_batch_rows_equal_unpadded_single_runs(hadamard_block):
 
 
 def _two_turns(model, impl, first, second_turn):
-    cache = SawInt4Cache(hadamard_block=16)
+    cache = SawInt4Cache(hadamard_block=16, residual_length=0)
     out1 = generate(model, impl, first, cache, max_new_tokens=6)
     length_after_first = cache.get_seq_length()
     turn2 = torch.cat([out1, second_turn], 1)
@@ -330,7 +330,7 @@ def test_generate_with_use_cache_false_builds_no_cache_and_is_exact():
 def test_cache_and_deprecated_past_key_values_spellings_agree():
     model = tiny_model("llama")
     ids = random_ids(1, 8)
-    new, old = SawInt4Cache(hadamard_block=16), SawInt4Cache(hadamard_block=16)
+    new, old = SawInt4Cache(hadamard_block=16, residual_length=0), SawInt4Cache(hadamard_block=16, residual_length=0)
     model.set_attn_implementation("saw_int4")
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -442,10 +442,10 @@ def test_other_attention_reads_saw_int4_cache_via_fallback_with_one_warning(attn
     chunks = [10, 1, 1, 5, 1, 1, 1]
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        saw = stepwise_logits(model, "saw_int4", SawInt4Cache(hadamard_block=16), ids, chunks)
+        saw = stepwise_logits(model, "saw_int4", SawInt4Cache(hadamard_block=16, residual_length=0), ids, chunks)
     assert not [w for w in seen if "saw_int4" in str(w.message)]
     with pytest.warns(UserWarning, match="saw_int4") as seen:
-        other = stepwise_logits(model, attn_implementation, SawInt4Cache(hadamard_block=16), ids, chunks)
+        other = stepwise_logits(model, attn_implementation, SawInt4Cache(hadamard_block=16, residual_length=0), ids, chunks)
     assert len([w for w in seen if "saw_int4" in str(w.message)]) == 1
     assert max_diff(saw, other) < 1e-4
 
@@ -488,7 +488,7 @@ def test_beam_search_equals_dequantized_fallback(quiet):
     model.generation_config.eos_token_id = None  # all beams run to max_new_tokens
     ids = random_ids(2, 9)
     kwargs = dict(num_beams=3, num_return_sequences=2, max_new_tokens=8, output_scores=True, return_dict_in_generate=True)
-    config = SawInt4Config(hadamard_block=16, center_keys=False, page_size=16)
+    config = SawInt4Config(hadamard_block=16, center_keys=False, page_size=16, residual_length=0)
     saw = generate(model, "saw_int4", ids, SawInt4Cache(config=config), **kwargs)
     fallback = generate(model, "sdpa", ids, SawInt4Cache(config=config), **kwargs)
     assert saw.sequences.shape == (4, 17)
@@ -502,7 +502,7 @@ def test_beam_search_equals_dequantized_fallback(quiet):
     assert cache.batch_size == 6 and cache.get_seq_length() == 16
     cached_keys = cache.layers[0].store.dequantize()[0]
     for i, sequence in enumerate(saw.sequences):
-        fresh = SawInt4Cache(hadamard_block=16, center_keys=False, page_size=16)
+        fresh = SawInt4Cache(hadamard_block=16, center_keys=False, page_size=16, residual_length=0)
         stepwise_logits(model, "saw_int4", fresh, sequence[None, :-1], [16])
         keys = fresh.layers[0].store.dequantize()[0][0]
         rows = range(3 * (i // 2), 3 * (i // 2) + 3)  # the beams of prompt i // 2
@@ -512,7 +512,7 @@ def test_beam_search_equals_dequantized_fallback(quiet):
 def test_repeat_interleave_reorder_and_select_then_decode_equals_fresh_cache():
     """Page sharing after a reorder: writing a shared, partly filled page must not touch another row's copy."""
     model = tiny_model("llama")
-    config = SawInt4Config(hadamard_block=16, center_keys=False, page_size=16)  # per-token quantization
+    config = SawInt4Config(hadamard_block=16, center_keys=False, page_size=16, residual_length=0)  # per-token quantization
     prompts = random_ids(2, 20)  # 20 tokens: one full page and a shared partial page
     cache = SawInt4Cache(config=config)
     stepwise_logits(model, "saw_int4", cache, prompts, [20])
@@ -579,11 +579,11 @@ def test_prompt_lookup_decoding_crops_and_equals_fallback(monkeypatch, quiet):
     model = tiny_model("llama")
     model.generation_config.eos_token_id = None
     # A prompt that ends in the model's own greedy loop, so that prompt lookup finds candidates the model accepts.
-    prompt = generate(model, "saw_int4", random_ids(1, 6, seed=0), SawInt4Cache(hadamard_block=16), max_new_tokens=34)
+    prompt = generate(model, "saw_int4", random_ids(1, 6, seed=0), SawInt4Cache(hadamard_block=16, residual_length=0), max_new_tokens=34)
     crops = _record_crops(monkeypatch)
     counter = _ForwardCounter(model)
     kwargs = dict(prompt_lookup_num_tokens=3, max_new_tokens=16, return_dict_in_generate=True)
-    config = SawInt4Config(hadamard_block=16, center_keys=False)
+    config = SawInt4Config(hadamard_block=16, center_keys=False, residual_length=0)
     saw = generate(model, "saw_int4", prompt, SawInt4Cache(config=config), **kwargs)
     forwards, removed = counter.count, [n for _, n in crops]
     fallback = generate(model, "sdpa", prompt, SawInt4Cache(config=config), **kwargs)
@@ -618,7 +618,7 @@ def test_assisted_decoding_crops_and_equals_fallback(assistant, monkeypatch, qui
     crops = _record_crops(monkeypatch)
     counter = _ForwardCounter(model)
     ids = random_ids(1, 8, seed=3)
-    config = SawInt4Config(hadamard_block=16, center_keys=False)
+    config = SawInt4Config(hadamard_block=16, center_keys=False, residual_length=0)
     kwargs = dict(assistant_model=helper, max_new_tokens=12, return_dict_in_generate=True)
     cache = SawInt4Cache(config=config)
     saw = generate(model, "saw_int4", ids, cache, **kwargs)
@@ -646,8 +646,8 @@ def test_model_family_saw_int4_equals_fallback_and_generates(family, quiet):
     reference_impl = "eager" if family == "gemma2" else "sdpa"  # sdpa has no logit softcapping
     ids = random_ids(1, 17)
     chunks = [12, 1, 1, 1, 1, 1]  # 17 tokens: beyond the sliding window (8) of mistral/gemma
-    saw = stepwise_logits(model, "saw_int4", SawInt4Cache(hadamard_block=16), ids, chunks)
-    fallback = stepwise_logits(model, reference_impl, SawInt4Cache(hadamard_block=16), ids, chunks)
+    saw = stepwise_logits(model, "saw_int4", SawInt4Cache(hadamard_block=16, residual_length=0), ids, chunks)
+    fallback = stepwise_logits(model, reference_impl, SawInt4Cache(hadamard_block=16, residual_length=0), ids, chunks)
     exact = stepwise_logits(model, reference_impl, DynamicCache(), ids, chunks)
     assert max_diff(saw, fallback) < 1e-4
     assert 1e-3 < max_diff(saw[1:], exact[1:]) < 1.0
@@ -664,8 +664,8 @@ def test_sliding_window_is_applied_by_saw_int4_attention():
     full = tiny_model("mistral", sliding_window=None)
     ids = random_ids(1, 17)
     chunks = [12, 1, 1, 1, 1, 1]
-    a = stepwise_logits(windowed, "saw_int4", SawInt4Cache(hadamard_block=16), ids, chunks)
-    b = stepwise_logits(full, "saw_int4", SawInt4Cache(hadamard_block=16), ids, chunks)
+    a = stepwise_logits(windowed, "saw_int4", SawInt4Cache(hadamard_block=16, residual_length=0), ids, chunks)
+    b = stepwise_logits(full, "saw_int4", SawInt4Cache(hadamard_block=16, residual_length=0), ids, chunks)
     assert max_diff(a[0][:, :8], b[0][:, :8]) < 1e-5  # inside the window: identical
     assert max_diff(a[1:], b[1:]) > 1e-2
 
@@ -675,8 +675,8 @@ def test_llama_head_dims_with_hadamard_block_64(head_dim, quiet):
     model = tiny_model("llama", head_dim=head_dim, num_attention_heads=2, num_key_value_heads=1)
     ids = random_ids(1, 17)
     chunks = [12, 1, 1, 1, 1, 1]
-    saw = stepwise_logits(model, "saw_int4", SawInt4Cache(hadamard_block=64), ids, chunks)
-    fallback = stepwise_logits(model, "sdpa", SawInt4Cache(hadamard_block=64), ids, chunks)
+    saw = stepwise_logits(model, "saw_int4", SawInt4Cache(hadamard_block=64, residual_length=0), ids, chunks)
+    fallback = stepwise_logits(model, "sdpa", SawInt4Cache(hadamard_block=64, residual_length=0), ids, chunks)
     exact = stepwise_logits(model, "sdpa", DynamicCache(), ids, chunks)
     assert max_diff(saw, fallback) < 1e-4
     assert 1e-3 < max_diff(saw[1:], exact[1:]) < 1.0
@@ -720,7 +720,7 @@ def test_key_bias_outliers_collapse_published_saw_int4_and_centering_fixes_it():
     assert model.model.layers[0].self_attn.head_dim == 64
     ids = random_ids(1, 40)
     kl = {
-        center: _decode_kl(model, SawInt4Cache(hadamard_block=64, center_keys=center), ids)
+        center: _decode_kl(model, SawInt4Cache(hadamard_block=64, center_keys=center, residual_length=0), ids)
         for center in (False, True, "auto")
     }
     # Measured: published SAW-INT4 (center_keys=False) 0.45, centered (True and "auto") 0.027.
@@ -730,7 +730,7 @@ def test_key_bias_outliers_collapse_published_saw_int4_and_centering_fixes_it():
     # The same model without the outliers: published SAW-INT4 is as good as centered SAW-INT4 above, so the
     # collapse is the outliers' doing.
     plain = _qwen2_with_key_bias_outliers(bias=0.0, query_bias=0.0)
-    assert _decode_kl(plain, SawInt4Cache(hadamard_block=64, center_keys=False), ids) < kl[False] / 5
+    assert _decode_kl(plain, SawInt4Cache(hadamard_block=64, center_keys=False, residual_length=0), ids) < kl[False] / 5
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -740,14 +740,14 @@ def test_key_bias_outliers_collapse_published_saw_int4_and_centering_fixes_it():
 
 def test_changing_batch_size_on_non_empty_cache_raises_and_reset_recovers():
     model = tiny_model("llama")
-    cache = SawInt4Cache(hadamard_block=16)
+    cache = SawInt4Cache(hadamard_block=16, residual_length=0)
     stepwise_logits(model, "saw_int4", cache, random_ids(1, 6), [6])
     with pytest.raises(ValueError, match=r"reset\(\)"):
         stepwise_logits(model, "saw_int4", cache, random_ids(2, 6), [6])
     cache.reset()
     assert cache.get_seq_length() == 0
     got = stepwise_logits(model, "saw_int4", cache, random_ids(2, 6), [5, 1])
-    want = stepwise_logits(model, "saw_int4", SawInt4Cache(hadamard_block=16), random_ids(2, 6), [5, 1])
+    want = stepwise_logits(model, "saw_int4", SawInt4Cache(hadamard_block=16, residual_length=0), random_ids(2, 6), [5, 1])
     assert max_diff(got, want) < 1e-6
 
 
@@ -755,7 +755,7 @@ def test_switching_attention_implementation_mid_cache_raises():
     """A cache that saw_int4 has read returns only new tokens; if another attention reads that, the next update
     must refuse to go on (the documented RuntimeError telling to reset())."""
     model = tiny_model("llama")
-    cache = SawInt4Cache(hadamard_block=16)
+    cache = SawInt4Cache(hadamard_block=16, residual_length=0)
     ids = random_ids(1, 9)
     stepwise_logits(model, "saw_int4", cache, ids, [6, 1])
     with pytest.raises(RuntimeError, match=r"reset\(\)"), warnings.catch_warnings():
@@ -770,7 +770,7 @@ def test_reset_after_exception_mid_forward_makes_cache_usable(where, monkeypatch
     model = tiny_model("llama")
     model.generation_config.eos_token_id = None
     ids = random_ids(1, 10)
-    cache = SawInt4Cache(hadamard_block=16)
+    cache = SawInt4Cache(hadamard_block=16, residual_length=0)
     generate(model, "saw_int4", ids, cache, max_new_tokens=3)
     assert len(cache.layers) == 2
     failed = []
@@ -810,7 +810,7 @@ def test_reset_after_exception_mid_forward_makes_cache_usable(where, monkeypatch
     assert cache.get_seq_length() == 0
     kwargs = dict(max_new_tokens=8, output_logits=True, return_dict_in_generate=True)
     again = generate(model, "saw_int4", ids, cache, **kwargs)
-    fresh = generate(model, "saw_int4", ids, SawInt4Cache(hadamard_block=16), **kwargs)
+    fresh = generate(model, "saw_int4", ids, SawInt4Cache(hadamard_block=16, residual_length=0), **kwargs)
     assert torch.equal(again.sequences, fresh.sequences)
     assert max_diff(again.logits, fresh.logits) < 1e-6
 
@@ -818,6 +818,7 @@ def test_reset_after_exception_mid_forward_makes_cache_usable(where, monkeypatch
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_dtypes_generate_and_match_fallback(dtype, quiet):
     model = tiny_model("llama", dtype=dtype)
+    model.saw_int4_config = SawInt4Config(hadamard_block=16, residual_length=0)  # 16 tokens: all in pages
     ids = random_ids(1, 13)
     out = generate(model, "saw_int4", ids[:, :10], max_new_tokens=6, return_dict_in_generate=True)
     store = returned_cache(out).layers[0].store
@@ -827,9 +828,9 @@ def test_dtypes_generate_and_match_fallback(dtype, quiet):
     # Tolerance from the reference: against the float32 model through the same cache, the saw_int4 path (which
     # accumulates in float32) may be at most twice as far off as the dequantized sdpa fallback in `dtype`.
     chunks = [10, 1, 1, 1]
-    reference32 = stepwise_logits(tiny_model("llama"), "saw_int4", SawInt4Cache(hadamard_block=16), ids, chunks)
-    saw = stepwise_logits(model, "saw_int4", SawInt4Cache(hadamard_block=16), ids, chunks)
-    fallback = stepwise_logits(model, "sdpa", SawInt4Cache(hadamard_block=16), ids, chunks)
+    reference32 = stepwise_logits(tiny_model("llama"), "saw_int4", SawInt4Cache(hadamard_block=16, residual_length=0), ids, chunks)
+    saw = stepwise_logits(model, "saw_int4", SawInt4Cache(hadamard_block=16, residual_length=0), ids, chunks)
+    fallback = stepwise_logits(model, "sdpa", SawInt4Cache(hadamard_block=16, residual_length=0), ids, chunks)
     saw_error, fallback_error = max_diff(saw, reference32), max_diff(fallback, reference32)
     assert saw_error <= 2 * fallback_error + 1e-4
     if dtype == torch.float32:

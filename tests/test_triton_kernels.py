@@ -55,7 +55,10 @@ WRITE_CASES = [
 
 @pytest.mark.parametrize("dtype,head_dim,block,tokens,start", WRITE_CASES, ids=lambda v: str(v).replace("torch.", ""))
 @pytest.mark.parametrize("center", [False, True], ids=["plain", "centered"])
-def test_write_kernel_packs_the_same_bytes_as_the_torch_twin(dtype, head_dim, block, tokens, start, center):
+@pytest.mark.parametrize("butterfly", ["gather", "reshape"])
+def test_write_kernel_packs_the_same_bytes_as_the_torch_twin(dtype, head_dim, block, tokens, start, center, butterfly,
+                                                              monkeypatch):
+    monkeypatch.setitem(triton_kernels.TUNING, "write_butterfly", butterfly)
     batch, heads = 3, 2
     pages = math.ceil((start + tokens) / PAGE)
     num_pages = 3 * batch * pages
@@ -154,7 +157,11 @@ if ON_GPU:
 
 @pytest.mark.parametrize("dtype,head_dim,gqa,batch,paged,window,queries", ATTENTION_CASES, ids=lambda v: str(v).replace("torch.", ""))
 @pytest.mark.parametrize("variant", ["causal", "left_padding+softcap+sinks"])
-def test_attention_kernel_error_is_within_twice_plain_pytorch_error(dtype, head_dim, gqa, batch, paged, window, queries, variant):
+@pytest.mark.parametrize("prefetch", [False, True], ids=["", "prefetch"])
+def test_attention_kernel_error_is_within_twice_plain_pytorch_error(dtype, head_dim, gqa, batch, paged, window, queries,
+                                                                    variant, prefetch, monkeypatch):
+    monkeypatch.setitem(triton_kernels.TUNING, "decode_prefetch", prefetch)
+    monkeypatch.setitem(triton_kernels.TUNING, "prefill_prefetch", prefetch)
     heads = 2
     block = min(64, head_dim)
     pages = math.ceil(paged / PAGE)
@@ -227,3 +234,25 @@ def test_triton_backend_refuses_head_dims_the_kernels_cannot_tile():
     states = torch.randn(1, 2, 3, 80, device=DEVICE)
     with pytest.raises(RuntimeError, match="power-of-two head dim"):
         cache.update(states, states, 0)
+
+
+def test_attention_without_pages_types_the_kernel_like_a_paged_call(monkeypatch):
+    """Before the first page exists the launcher passes stand-ins; the GPU compiler types the kernel by them, so
+    they must be uint8 codes like a real pool's (the interpreter never runs the empty page loop and cannot tell)."""
+    launches = []
+    real = triton_kernels._attention_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(args)
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(triton_kernels, "_attention_kernel", Recorder())
+    query = random_states(1, 4, 3, 64, torch.bfloat16)
+    chunk = random_states(1, 2, 3, 64, torch.bfloat16)
+    out = triton_kernels.paged_attention(query, None, None, 0, None, None, chunk, chunk, None, 0.125)
+    assert torch.isfinite(out.float()).all()
+    k_codes, v_codes = launches[0][4], launches[0][6]
+    assert k_codes.dtype == v_codes.dtype == torch.uint8

@@ -7,6 +7,12 @@ quantized tokens serve the whole batch. Position p of sequence b lives:
 Pages come from a per-layer pool on the layer's device that grows in chunks; a page freed by crop, reset or a
 beam reorder goes back to the free list. Sequences may share pages after a beam reorder; a shared page is copied
 before anything is written into it.
+
+Static mode (`max_batch_size` and `max_cache_len` given): the first append allocates the pool for exactly that
+capacity (ceil(max_cache_len / P) pages per sequence), a fixed block table (sequence b owns pages
+b * pages_per_sequence + j, in order) and the window; nothing is allocated, grown or re-pointed afterwards. A batch
+smaller than max_batch_size uses the first rows. A beam reorder copies page contents instead of sharing pages, so
+the block table never changes. Appending beyond the capacity raises before anything is written.
 """
 
 from __future__ import annotations
@@ -25,11 +31,23 @@ POOL_GROWTH = 0.5
 
 
 class PagedKVStore:
-    def __init__(self, config: SawInt4Config, layer_idx: int):
+    def __init__(
+        self, config: SawInt4Config, layer_idx: int, max_batch_size: Optional[int] = None,
+        max_cache_len: Optional[int] = None,
+    ):
         self.config = config
         self.layer_idx = layer_idx
+        if (max_batch_size is None) != (max_cache_len is None):
+            raise ValueError("PagedKVStore: give both max_batch_size and max_cache_len (static mode) or neither.")
+        self.max_batch_size, self.max_cache_len = max_batch_size, max_cache_len
+        self.static = max_cache_len is not None
+        self.pages_per_sequence = math.ceil(max_cache_len / config.page_size) if self.static else None
         self.pool: Optional[PagedKV] = None
         self.free_pages: list[int] = []
+        # Static mode: the full-capacity block table (host and device) and window buffers, allocated once.
+        self._static_table_host: Optional[torch.Tensor] = None
+        self._static_table: Optional[torch.Tensor] = None
+        self._static_window: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self.reset()
 
     # ---------------------------------------------------------------------------------------------- bookkeeping
@@ -45,7 +63,7 @@ class PagedKVStore:
         self.key_mean = self.value_mean = None
         self.may_share = False
         self.origin: Optional[str] = None  # "loaded from <file>" for a cache rebuilt by load_state
-        if self.pool is not None:
+        if self.pool is not None and not self.static:
             self.free_pages = list(range(self.pool.k_codes.shape[0] - 1, -1, -1))
 
     @property
@@ -57,6 +75,20 @@ class PagedKVStore:
         return math.ceil(self.num_paged / self.page_size)
 
     def _check_input(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        if (
+            self.batch_size is not None
+            and key.dim() == 4
+            and key.shape == value.shape
+            and key.shape[0] == self.batch_size
+            and key.shape[1] == self.num_heads
+            and key.shape[3] == self.head_dim
+            and key.dtype == self.dtype
+            and value.dtype == self.dtype
+            and key.device == self.device
+        ):  # the decode-step fast path: same shapes as the cached tokens, which were already validated
+            if self.static and self.length + key.shape[2] > self.max_cache_len:
+                self._raise_capacity(key.shape[0], key.shape[2])
+            return
         where = f"SawInt4Cache layer {self.layer_idx}"
         if key.dim() != 4 or value.dim() != 4:
             raise ValueError(f"{where}: expected key/value states [batch, kv_heads, tokens, head_dim], got {tuple(key.shape)}")
@@ -99,12 +131,39 @@ class PagedKVStore:
                 f"{where}: head dim {d} is not divisible by hadamard_block={block}. "
                 f"Fix: SawInt4Cache(hadamard_block=...) with one of {divisors}, or 0 for no rotation."
             )
+        if self.static and (key.shape[0] > self.max_batch_size or self.length + key.shape[2] > self.max_cache_len):
+            self._raise_capacity(key.shape[0], key.shape[2])
+
+    def _raise_capacity(self, batch: int, new_tokens: int) -> None:
+        where = f"SawInt4Cache layer {self.layer_idx}"
+        mb, ml = self.max_batch_size, self.max_cache_len
+        if batch > mb:
+            raise ValueError(
+                f"{where}: a batch of {batch} sequences does not fit this static cache (max_batch_size={mb}). "
+                f"Fix: SawInt4Cache(max_batch_size={batch}, max_cache_len={ml}) or larger (generate() runs "
+                "prompts x num_beams x num_return_sequences sequences), or a smaller batch."
+            )
+        total = self.length + new_tokens
+        raise ValueError(
+            f"{where}: {self.length} cached + {new_tokens} new tokens = {total} tokens exceed this static cache's "
+            f"max_cache_len={ml}. Fix: SawInt4Cache(max_batch_size={mb}, max_cache_len={total}) or larger "
+            "(generate() needs prompt length + max_new_tokens), or a shorter prompt / fewer new tokens, "
+            "or crop the cache first."
+        )
 
     def _start(self, key: torch.Tensor) -> None:
         b, h, _, d = key.shape
+        if self.static:
+            self._start_static(key)
         self.batch_size, self.num_heads, self.head_dim = b, h, d
         self.device, self.dtype = key.device, key.dtype
         self.backend = get_backend(self.config.backend, key.device, head_dim=d)
+        if self.static:
+            self.block_table_host = self._static_table_host[:b]
+            self.block_table = self._static_table[:b]
+            if self._static_window is not None:
+                self.window_key, self.window_value = (w[:b] for w in self._static_window)
+            return
         pool = self.pool
         if pool is not None and (
             pool.k_codes.device != key.device
@@ -119,6 +178,56 @@ class PagedKVStore:
         if r:
             self.window_key = torch.zeros(b, h, r, d, dtype=key.dtype, device=key.device)
             self.window_value = torch.zeros_like(self.window_key)
+
+    def _start_static(self, key: torch.Tensor) -> None:
+        """Allocate the whole capacity on the first use; afterwards only check that the model still matches."""
+        _, h, _, d = key.shape
+        if self.pool is not None:
+            pool = self.pool
+            if pool.k_codes.device != key.device or pool.k_meta.dtype != key.dtype or pool.k_codes.shape[1] != h or pool.k_codes.shape[3] * 2 != d:
+                raise ValueError(
+                    f"SawInt4Cache layer {self.layer_idx}: this static cache was allocated for {pool.k_codes.shape[1]} "
+                    f"KV heads of dim {pool.k_codes.shape[3] * 2} in {pool.k_meta.dtype} on {pool.k_codes.device}, "
+                    f"but got states of {h} heads of dim {d} in {key.dtype} on {key.device}. A static cache never "
+                    "reallocates: use a new SawInt4Cache(max_batch_size=..., max_cache_len=...) for this model/device."
+                )
+            return
+        mb, pps, p = self.max_batch_size, self.pages_per_sequence, self.page_size
+        kw = dict(device=key.device)
+        n = mb * pps
+        self.pool = PagedKV(
+            torch.empty(n, h, p, d // 2, dtype=torch.uint8, **kw),
+            torch.empty(n, h, p, 2, dtype=key.dtype, **kw),
+            torch.empty(n, h, p, d // 2, dtype=torch.uint8, **kw),
+            torch.empty(n, h, p, 2, dtype=key.dtype, **kw),
+        )
+        self.free_pages = []
+        self._static_table_host = torch.arange(n, dtype=torch.int32).view(mb, pps)
+        self._static_table = self._static_table_host.to(key.device)
+        r = self.config.residual_length
+        if r:
+            window = torch.zeros(mb, h, r, d, dtype=key.dtype, **kw)
+            self._static_window = (window, torch.zeros_like(window))
+
+    def _select_static(self, indices: torch.Tensor) -> None:
+        """Beam reorder / repeat / select in static mode: copy the used pages and the window rows in place (the
+        block table stays fixed). No host sync: the indices stay on the device."""
+        new_b = indices.numel()
+        if new_b > self.max_batch_size:
+            self._raise_capacity(new_b, 0)
+        idx = indices.detach().to(self.device, torch.long)
+        old_b, columns = self.batch_size, self.columns_used
+        if columns:
+            for t in self.pool:
+                per_sequence = t.view(self.max_batch_size, self.pages_per_sequence, *t.shape[1:])
+                per_sequence[:new_b, :columns] = per_sequence[:old_b, :columns].index_select(0, idx)
+        if self._static_window is not None:
+            for w in self._static_window:
+                w[:new_b] = w[:old_b].index_select(0, idx)
+            self.window_key, self.window_value = (w[:new_b] for w in self._static_window)
+        self.batch_size = new_b
+        self.block_table_host = self._static_table_host[:new_b]
+        self.block_table = self._static_table[:new_b]
 
     def _grow_pool(self, needed: int) -> None:
         h, p, d = self.num_heads, self.page_size, self.head_dim
@@ -152,12 +261,22 @@ class PagedKVStore:
             grown = torch.zeros(self.batch_size, cap, dtype=torch.int32)
             grown[:, : self.block_table_host.shape[1]] = self.block_table_host
             self.block_table_host = grown
-            self.block_table = grown.to(self.device)
+            self.block_table = self._to_device(grown)
         self.block_table_host[:, first:stop] = columns
-        self.block_table[:, first:stop].copy_(columns)
+        self.block_table[:, first:stop].copy_(self._staged(columns), non_blocking=True)
+
+    def _staged(self, host: torch.Tensor) -> torch.Tensor:
+        """A host tensor ready for a copy to the device that does not wait for the GPU: a pinned copy on CUDA
+        (a pageable copy makes the host wait until the GPU has finished all queued work)."""
+        return host.pin_memory() if self.device.type == "cuda" else host
+
+    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
+        return self._staged(host).to(self.device, non_blocking=True)
 
     def _reserve(self, num_tokens: int) -> None:
         """Give every sequence pages for positions [0, num_tokens), and make the page written next private."""
+        if self.static:  # every page is assigned up front and never shared
+            return
         have, need = self.columns_used, math.ceil(num_tokens / self.page_size)
         if self.may_share and self.num_paged % self.page_size:
             self._unshare_column(have - 1)
@@ -181,6 +300,8 @@ class PagedKVStore:
         self._set_columns(column, new_ids[:, None])
 
     def _release_columns(self, first: int) -> None:
+        if self.static:  # pages stay with their sequence; later appends overwrite them
+            return
         used = self.block_table_host[:, first : self.columns_used]
         if used.numel():
             self.free_pages.extend(torch.unique(used).tolist())
@@ -239,10 +360,13 @@ class PagedKVStore:
             )
         if r:
             first = max(past, new_paged)
-            if new_length > first:
-                slots = torch.arange(first, new_length, device=self.device) % r
-                self.window_key[:, :, slots] = key[:, :, first - past :]
-                self.window_value[:, :, slots] = value[:, :, first - past :]
+            if new_length > first:  # ring slots first % r ... (new_length - 1) % r: at most two slices
+                s0, count = first % r, new_length - first
+                head = min(count, r - s0)
+                for window, x in ((self.window_key, key), (self.window_value, value)):
+                    window[:, :, s0 : s0 + head] = x[:, :, first - past : first - past + head]
+                    if count > head:
+                        window[:, :, : count - head] = x[:, :, first - past + head :]
         self.num_paged = new_paged
         self.length = new_length
         return past
@@ -255,14 +379,20 @@ class PagedKVStore:
         s0 = start % r
         if s0 + (stop - start) <= r:
             return self.window_key[:, :, s0 : s0 + stop - start], self.window_value[:, :, s0 : s0 + stop - start]
-        idx = torch.arange(start, stop, device=self.device) % r
-        return self.window_key[:, :, idx], self.window_value[:, :, idx]
+        rest = stop - start - (r - s0)  # wraps around the ring: the tail of the buffer, then its head
+        return (
+            torch.cat([self.window_key[:, :, s0:], self.window_key[:, :, :rest]], 2),
+            torch.cat([self.window_value[:, :, s0:], self.window_value[:, :, :rest]], 2),
+        )
 
     def attend(self, query, chunk_key, chunk_value, past_length: int, mask, scaling, softcap=None, sinks=None):
         """Attention of query [B, Hq, nq, D] over the tokens cached before position `past_length` plus the
         full-precision current chunk (positions [past_length, past_length + n)). Returns [B, nq, Hq, D]."""
         pages_end = min(self.num_paged, past_length)
         window = self._window(pages_end, past_length) or (None, None)
+        total = past_length + chunk_key.shape[2]
+        if mask is not None and mask.shape[-1] > total:  # static mode: masks span max_cache_len positions
+            mask = mask[..., :total]
         return self.backend.paged_attention(
             query, self.pool, self.block_table, pages_end, window[0], window[1], chunk_key, chunk_value, mask,
             scaling, softcap, sinks, self.key_mean, self.value_mean, self.config.hadamard_block,
@@ -301,12 +431,15 @@ class PagedKVStore:
         """Make sequence i a copy of old sequence indices[i] (beam reorder, repeat, select). Pages are shared."""
         if self.batch_size is None:
             return
+        if self.static:
+            self._select_static(indices)
+            return
         idx = indices.detach().to("cpu", torch.long)
         used = self.block_table_host[:, : self.columns_used]
         new = used[idx]
         if used.numel():
-            kept = set(torch.unique(new).tolist())
-            self.free_pages.extend(p for p in torch.unique(used).tolist() if p not in kept)
+            old_pages = torch.unique(used)
+            self.free_pages.extend(old_pages[~torch.isin(old_pages, new)].tolist())
         self.batch_size = idx.numel()
         self.block_table_host = torch.zeros(self.batch_size, 0, dtype=torch.int32)
         self.block_table = torch.zeros(self.batch_size, 0, dtype=torch.int32, device=self.device)
@@ -368,6 +501,8 @@ class PagedKVStore:
         exactly the saved pages (block table = arange), the window ring refilled so that slot = position % R, the
         centering vectors. The caller validates shapes first. `origin` ("loaded from <file>") goes into the
         messages of later shape errors."""
+        if self.static:
+            raise ValueError("PagedKVStore.load_state fills a dynamic store; SawInt4Cache.load builds one.")
         device = torch.device(device)
         b, h, d = state["batch_size"], state["num_heads"], state["head_dim"]
         length, num_paged = state["length"], state["num_paged"]

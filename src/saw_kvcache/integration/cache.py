@@ -39,6 +39,10 @@ class SawInt4Layer(CacheLayerMixin):
     `update` returns only the new tokens once the saw_int4 attention has shown that it reads this layer's pages;
     until then (and for any other attention implementation) it returns the full dequantized keys and values, so
     every attention implementation computes the right thing.
+
+    In static mode (the cache was built with max_batch_size/max_cache_len) the layer is compileable and, once the
+    saw_int4 attention reads its pages, asks transformers for masks spanning max_cache_len positions (as
+    StaticCache does), so that decode steps see tensors of one shape.
     """
 
     is_compileable = False
@@ -48,7 +52,7 @@ class SawInt4Layer(CacheLayerMixin):
 
     def __init__(self, config: SawInt4Config, layer_idx: int, owner: "SawInt4Cache"):
         super().__init__()
-        self.store = PagedKVStore(config, layer_idx)
+        self.store = PagedKVStore(config, layer_idx, owner._max_batch_size, owner._max_cache_len)
         self.layer_idx = layer_idx
         self._owner = owner
         self._reset_reader_state()
@@ -97,13 +101,18 @@ class SawInt4Layer(CacheLayerMixin):
     def get_mask_sizes(self, query_length, *args, **kwargs) -> tuple[int, int]:
         if isinstance(query_length, torch.Tensor):  # older signature: cache_position
             query_length = query_length.shape[0]
+        if self.store.static and self.read_by_saw_attention:
+            # Fixed-shape masks, as StaticCache's (positions past the tokens are masked out, and the saw_int4
+            # attention cuts the mask to them). Other attention implementations get the dequantized past instead,
+            # which is only as long as the tokens: they keep masks of that length.
+            return self.store.max_cache_len, 0
         return self.store.length + query_length, 0
 
     def get_seq_length(self) -> int:
         return self.store.length
 
     def get_max_length(self) -> int:
-        return -1
+        return self.store.max_cache_len if self.store.static else -1
 
     def reset(self) -> None:
         self.store.reset()
@@ -143,11 +152,24 @@ class SawInt4Cache(Cache):
         >>> cache = SawInt4Cache(config=SawInt4Config(page_size=128))
         >>> model.generate(input_ids, past_key_values=cache)         # `cache=` on transformers >= 5.24
 
+        >>> cache = SawInt4Cache(max_batch_size=8, max_cache_len=4096)  # static: preallocated, compileable
+
     Args:
         config: a SawInt4Config; keyword arguments override its fields (see SawInt4Config for their meaning).
+        max_batch_size, max_cache_len: give both for the static mode: each layer allocates its pages, block table
+            and window for this capacity on its first update (when its device and dtype are known) and never
+            allocates again, through `reset()` and `crop()` too. A batch or a length
+            beyond the capacity raises ValueError. Without them (the default) pages are allocated as needed.
     """
 
-    def __init__(self, config: Optional[SawInt4Config] = None, **overrides):
+    def __init__(
+        self,
+        config: Optional[SawInt4Config] = None,
+        *,
+        max_batch_size: Optional[int] = None,
+        max_cache_len: Optional[int] = None,
+        **overrides,
+    ):
         if config is not None and not isinstance(config, SawInt4Config):
             raise TypeError(
                 f"SawInt4Cache(config=...) takes a SawInt4Config, got {type(config).__name__}. "
@@ -155,16 +177,72 @@ class SawInt4Cache(Cache):
             )
         unknown = set(overrides) - set(SawInt4Config.field_names())
         if unknown:
-            raise TypeError(
-                f"SawInt4Cache got unknown arguments {sorted(unknown)}; valid ones are {list(SawInt4Config.field_names())}."
-            )
+            valid = list(SawInt4Config.field_names()) + ["max_batch_size", "max_cache_len"]
+            raise TypeError(f"SawInt4Cache got unknown arguments {sorted(unknown)}; valid ones are {valid}.")
+        self._max_batch_size, self._max_cache_len = _check_capacity(max_batch_size, max_cache_len)
         self.config = dataclasses.replace(config or SawInt4Config(), **overrides)
         super().__init__(layers=[])
         self._warned_fallback = False
         self.loaded_from: Optional[str] = None  # the file of SawInt4Cache.load
 
     def __repr__(self):
-        return f"SawInt4Cache({self.config}, layers={len(self.layers)})"
+        capacity = f", max_batch_size={self._max_batch_size}, max_cache_len={self._max_cache_len}" if self.is_static else ""
+        return f"SawInt4Cache({self.config}{capacity}, layers={len(self.layers)})"
+
+    # ------------------------------------------------------------------------------------------------ capacity
+    # The same answers on every supported transformers release: 5.17's Cache still has deprecated (warning)
+    # `max_cache_len`, `max_batch_size` and `get_max_cache_shape`, newer ones only `get_max_length`; these
+    # overrides give all four, without warnings (compat.STATIC_CACHE_API).
+
+    @property
+    def is_static(self) -> bool:
+        """True when built with max_batch_size/max_cache_len (preallocated, fixed capacity)."""
+        return self._max_cache_len is not None
+
+    @property
+    def is_compileable(self) -> bool:
+        """False, also in static mode, until a compiled decode step works: sequence lengths are still Python ints,
+        so dynamo recompiles at every step (measured on the CPU: 45 graphs, 23 breaks, 4x slower than eager), and
+        generate() compiles the decode step of every cache that reports True on CUDA."""
+        return False
+
+    @property
+    def max_cache_len(self) -> int:
+        """Tokens per sequence the cache can hold: the static capacity, or -1 (no limit) in dynamic mode."""
+        return self.get_max_length()
+
+    @property
+    def max_batch_size(self) -> int:
+        """The static capacity in sequences; in dynamic mode the current batch size (-1 before the first update),
+        as transformers 5.17's `Cache.max_batch_size` alias of `batch_size`."""
+        return self._max_batch_size if self.is_static else self.batch_size
+
+    def get_max_length(self, layer_idx: Optional[int] = None) -> int:
+        """The static max_cache_len, or -1 (no maximum) in dynamic mode; the same for every layer."""
+        return self._max_cache_len if self.is_static else -1
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
+        """Alias of `get_max_length` (StaticCache's older name for it)."""
+        return self.get_max_length(layer_idx)
+
+    def check_generate_capacity(self, sequences: int, tokens: int) -> None:
+        """Raise ValueError if `sequences` sequences of `tokens` tokens do not fit this static cache (generate()
+        calls it before the prefill, so that a too-small cache fails before any work rather than mid-way)."""
+        if not self.is_static:
+            return
+        mb, ml = self._max_batch_size, self._max_cache_len
+        if sequences > mb:
+            raise ValueError(
+                f"SawInt4Cache: generate() will run {sequences} sequences (prompts x max(num_beams, "
+                f"num_return_sequences)), more than this static cache's max_batch_size={mb}. "
+                f"Fix: SawInt4Cache(max_batch_size={sequences}, max_cache_len={ml}) or larger, or fewer prompts/beams."
+            )
+        if tokens > ml:
+            raise ValueError(
+                f"SawInt4Cache: generate() may store {tokens} tokens per sequence (prompt + max_new_tokens - 1), "
+                f"more than this static cache's max_cache_len={ml}. Fix: SawInt4Cache(max_batch_size={mb}, "
+                f"max_cache_len={tokens}) or larger, or a shorter prompt / smaller max_new_tokens."
+            )
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         if layer_idx >= len(self.layers) and self.layers and self.layers[0].store.origin:
@@ -228,3 +306,19 @@ class SawInt4Cache(Cache):
     def batch_size(self) -> int:
         sizes = {layer.store.batch_size for layer in self.layers if layer.store.batch_size is not None}
         return sizes.pop() if len(sizes) == 1 else -1
+
+
+def _check_capacity(max_batch_size, max_cache_len) -> tuple[Optional[int], Optional[int]]:
+    if max_batch_size is None and max_cache_len is None:
+        return None, None
+    for name, value in (("max_batch_size", max_batch_size), ("max_cache_len", max_cache_len)):
+        if value is None:
+            other = "max_cache_len" if name == "max_batch_size" else "max_batch_size"
+            raise ValueError(
+                f"SawInt4Cache: the static mode needs both max_batch_size and max_cache_len; {other} was given "
+                f"but not {name}. Fix: SawInt4Cache(max_batch_size=..., max_cache_len=...), or neither for the "
+                "dynamic mode."
+            )
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"SawInt4Cache: {name} must be a positive integer, got {value!r}.")
+    return max_batch_size, max_cache_len

@@ -8,7 +8,8 @@
     the scores and the value rotation and mean are undone before the full-precision part. The sequence is split
     over programs (flash-decoding) when queries alone do not fill the GPU; a second kernel merges the splits.
     Keys are never dequantized element by element: scores = scale * (q · codes) + sum(q) * offset, and
-    p @ V = (p * scale) @ codes + p · offset, with the 4-bit codes fed to tl.dot as exact small integers.
+    p @ V = (p * scale) @ codes + p · offset, with the 4-bit codes fed to tl.dot as exact small integers and
+    the rotated query and p * scale as float16 (for 16-bit models), each brought near 2^13 by a power of two.
   * dequantize_pages: pages back to the model frame (fallbacks, export, debugging).
 
 No launcher synchronizes with the GPU or reads GPU values on the host; grids depend on host integers only.
@@ -26,20 +27,25 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import PagedKV, hadamard_matrix, hadamard_scale
+from .reference import PagedKV, hadamard_scale
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# Launch settings of the attention kernel; the benchmark sweeps them.
+# Launch settings, chosen by `benchmarks/bench_kernels.py --sweep` on an H200 (docs/kernel_notes.md).
 TUNING = {
-    "decode": {"num_warps": 8, "num_stages": 2},
+    "decode": {"num_warps": 4, "num_stages": 4},
     "prefill": {"num_warps": 4, "num_stages": 2},
+    "decode_max_queries": 16,  # up to this many queries per sequence use the decode settings
+    "decode_block_n": 256,  # tokens of INT4 pages per step of the decode loop (may span several pages)
+    "decode_residual_dots": True,  # float32-accurate products in decode (16-bit models), see the kernel
+    "decode_prefetch": False,  # load step i + 1 while step i computes (not yet timed on a GPU)
+    "prefill_prefetch": False,
+    "prefill_block_n": 64,
+    "prefill_rows": 64,  # query rows (heads x positions) per program when queries are many
+    "programs_per_sm": 2,  # the sequence is split until about this many programs per SM are running
     "write": {"num_warps": 4},
     "write_tokens": 32,  # tokens per program of the write kernel
-    "programs_per_sm": 2,  # decode splits the sequence until about this many programs per SM are running
-    "prefill_rows": 128,  # query rows (heads x positions) per program when queries are many
-    "fast_nibbles": True,  # build code floats from bits (else convert through float32)
-    "rotation_precision": "tf32",  # of the in-kernel rotation by tl.dot for 16-bit inputs
-    "residual_dots": True,  # queries and probabilities as hi + lo 16-bit terms in the INT4 dots
+    "write_butterfly": "gather",  # "gather" or "reshape" (split/join): how the write kernel pairs elements
+    "rotation_precision": "tf32x3",  # of the in-kernel rotation by tl.dot for 16-bit inputs
 }
 
 
@@ -64,6 +70,18 @@ def _fwht(x, ROWS: tl.constexpr, D: tl.constexpr, LOG_BLOCK: tl.constexpr, SCALE
         y = tl.permute(tl.reshape(x, (ROWS, D // (2 << i), 2, 1 << i)), (0, 1, 3, 2))
         a, b = tl.split(y)
         x = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), (ROWS, D))
+    if LOG_BLOCK > 0:
+        x = x * SCALE
+    return x
+
+
+@triton.jit
+def _fwht_by_gather(x, ROWS: tl.constexpr, D: tl.constexpr, LOG_BLOCK: tl.constexpr, SCALE: tl.constexpr):
+    """_fwht with the same float32 operations, each partner fetched by tl.gather instead of reshaping the tile."""
+    col = tl.broadcast_to(tl.arange(0, D)[None, :], (ROWS, D))
+    for i in tl.static_range(LOG_BLOCK):
+        partner = tl.gather(x, col ^ (1 << i), 1)
+        x = tl.where((col & (1 << i)) == 0, x + partner, partner - x)
     if LOG_BLOCK > 0:
         x = x * SCALE
     return x
@@ -98,7 +116,7 @@ def _write_kernel(
     MEAN, CODES, META, BT, stride_btb,
     start, n, H,
     HAS_MEAN: tl.constexpr, D: tl.constexpr, P: tl.constexpr, T: tl.constexpr,
-    LOG_BLOCK: tl.constexpr, SCALE: tl.constexpr,
+    LOG_BLOCK: tl.constexpr, SCALE: tl.constexpr, GATHER: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -111,7 +129,10 @@ def _write_kernel(
     x = x.to(tl.float32)
     if HAS_MEAN:
         x = x - tl.load(MEAN + h * D + d)[None, :]
-    x = _fwht(x, T, D, LOG_BLOCK, SCALE)
+    if GATHER:
+        x = _fwht_by_gather(x, T, D, LOG_BLOCK, SCALE)
+    else:
+        x = _fwht(x, T, D, LOG_BLOCK, SCALE)
     meta_ty = META.dtype.element_ty
     x = _round_to(x, meta_ty).to(tl.float32)
     lo = tl.min(x, axis=1)
@@ -178,7 +199,7 @@ def _write_pages(
             start, n, h,
             HAS_MEAN=mean is not None, D=d, P=page_size, T=tokens,
             LOG_BLOCK=_log2(block), SCALE=hadamard_scale(block) if block else 1.0,
-            enable_fp_fusion=False, **TUNING["write"],
+            GATHER=TUNING["write_butterfly"] == "gather", enable_fp_fusion=False, **TUNING["write"],
         )
 
 
@@ -253,16 +274,27 @@ def _dequantize_pages(
 
 
 @triton.jit
-def _rotate_by_dot(x, HAD, ROWS: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, LOG_BLOCK: tl.constexpr,
+def _sylvester(BLOCK: tl.constexpr):
+    """The +-1 Sylvester Hadamard matrix [BLOCK, BLOCK] built in registers: H[i, j] = (-1)^popcount(i & j)."""
+    i = tl.arange(0, BLOCK)[:, None]
+    j = tl.arange(0, BLOCK)[None, :]
+    x = i & j
+    x = x ^ (x >> 4)  # parity of the 8 low bits (BLOCK <= 256) folded into bit 0
+    x = x ^ (x >> 2)
+    x = x ^ (x >> 1)
+    return 1.0 - 2.0 * (x & 1).to(tl.float32)
+
+
+@triton.jit
+def _rotate_by_dot(x, ROWS: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, LOG_BLOCK: tl.constexpr,
                    SCALE: tl.constexpr, PRECISION: tl.constexpr):
     """Block-diagonal Hadamard rotation of a [ROWS, D] float32 tile as one matrix product with the +-1 Sylvester
-    matrix HAD [BLOCK, BLOCK] (float32, in memory), then * SCALE. Used where bit-exactness is not needed."""
+    matrix, then * SCALE. Used where bit-exactness is not needed."""
     if BLOCK == 0:
         return x
     if BLOCK < 16:  # below tl.dot's smallest tile
         return _fwht(x, ROWS, D, LOG_BLOCK, SCALE)
-    k = tl.arange(0, BLOCK)
-    had = tl.load(HAD + k[:, None] * BLOCK + k[None, :])
+    had = _sylvester(BLOCK)
     if D == BLOCK:
         y = tl.dot(x, had, input_precision=PRECISION)
     else:
@@ -271,31 +303,30 @@ def _rotate_by_dot(x, HAD, ROWS: tl.constexpr, D: tl.constexpr, BLOCK: tl.conste
 
 
 @triton.jit
-def _nibbles(codes, ty: tl.constexpr, MAGIC: tl.constexpr):
-    """(low, high) nibbles of uint8 codes as values of type ty: MAGIC + code exactly (MAGIC = 128 for bfloat16,
-    1024 for float16, built from bits: no int-to-float conversion, which is slow) or the code itself (float32)."""
-    if MAGIC == 0:
-        lo = (codes & 15).to(tl.float32).to(ty)
-        hi = (codes >> 4).to(tl.float32).to(ty)
-    elif ty == tl.bfloat16:
-        lo = ((codes & 15).to(tl.int16) | 0x4300).to(tl.bfloat16, bitcast=True)
-        hi = ((codes >> 4).to(tl.int16) | 0x4300).to(tl.bfloat16, bitcast=True)
-    elif ty == tl.float16:
-        lo = ((codes & 15).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
-        hi = ((codes >> 4).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
+def _pow2_exponent(x, TOP: tl.constexpr):
+    """e such that x * 2^-e lies in [2^TOP, 2^(TOP+1)) for finite x > 0, read from the float32 bits (exact);
+    clamped so that 2^-e and 2^e stay normal floats."""
+    e = ((x.to(tl.int32, bitcast=True) >> 23) & 255) - 127 - TOP
+    return tl.minimum(tl.maximum(e, -100), 100)
+
+
+@triton.jit
+def _exp2i(e):
+    """2^e as float32 for integer e in [-126, 127], built from bits (exact)."""
+    return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _code_values(codes, ty: tl.constexpr):
+    """(low, high) nibbles of uint8 codes as exact values of type ty. For float16 the float is assembled from
+    bits (1024 + code, then 1024 subtracted: both exact), which avoids integer-to-float conversions."""
+    if ty == tl.float16:
+        lo = ((codes & 15).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+        hi = ((codes >> 4).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
     else:
         lo = (codes & 15).to(tl.float32)
         hi = (codes >> 4).to(tl.float32)
-    return lo, hi
-
-
-def _magic(dtype: torch.dtype) -> float:
-    return {torch.bfloat16: 128.0, torch.float16: 1024.0}.get(dtype, 0.0)
-
-
-@functools.lru_cache(maxsize=None)
-def _sylvester_pm1(block: int, device: torch.device) -> torch.Tensor:
-    return (hadamard_matrix(block) * math.sqrt(block)).round().to(device)
+    return lo.to(ty), hi.to(ty)
 
 
 @triton.jit
@@ -318,6 +349,31 @@ def _scale_and_cap(scores, scaling, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def _tile_pages(BT, b, s_bt, tile, stop, cols, BLOCK_N: tl.constexpr, P: tl.constexpr):
+    """Page number of every token of step `tile` (0 for positions from `stop` on)."""
+    pos = tile * BLOCK_N + cols
+    return tl.load(BT + b * s_bt + pos // P, mask=pos < stop, other=0).to(tl.int64)
+
+
+@triton.jit
+def _tile_loads(KC, KM, VC, VM, page, tile, stop, cols, h, H, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                P: tl.constexpr):
+    """Codes [BLOCK_N, D/2] and (scale, offset) [BLOCK_N, 2] of K and V for step `tile`, all requested together.
+    Slots from position `stop` on (past the sequence or this split) read as code 0, scale 0, offset 0, whatever the pool holds there,
+    NaN included, and cost no memory traffic."""
+    pos = tile * BLOCK_N + cols
+    ok = (pos < stop)[:, None]
+    row = (page * H + h) * P + pos % P
+    half = tl.arange(0, D // 2)
+    pair = tl.arange(0, 2)
+    k_codes = tl.load(KC + row[:, None] * (D // 2) + half[None, :], mask=ok, other=0)
+    v_codes = tl.load(VC + row[:, None] * (D // 2) + half[None, :], mask=ok, other=0)
+    k_meta = tl.load(KM + row[:, None] * 2 + pair[None, :], mask=ok, other=0.0)
+    v_meta = tl.load(VM + row[:, None] * 2 + pair[None, :], mask=ok, other=0.0)
+    return k_codes, v_codes, k_meta, v_meta
+
+
+@triton.jit
 def _attention_kernel(
     Q, sq_b, sq_h, sq_n,
     KC, KM, VC, VM, BT, s_bt,
@@ -327,14 +383,15 @@ def _attention_kernel(
     SINKS,
     OUT, so_b, so_n, so_h,
     PART_M, PART_L, PART_ACC,
-    num_paged, n_raw, nq, total, pages_per_split, H, num_splits, num_q_blocks,
-    scaling, softcap, HAD,
+    num_paged, n_raw, nq, total, tiles_per_split, H, num_splits, num_q_blocks,
+    scaling, softcap,
     G: tl.constexpr, BLOCK_Q: tl.constexpr, M: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK: tl.constexpr, LOG_BLOCK: tl.constexpr, SCALE: tl.constexpr,
-    ROTATE_VALUES: tl.constexpr,
-    MAGIC: tl.constexpr, ROT_PRECISION: tl.constexpr, RESIDUAL_DOTS: tl.constexpr,
+    BLOCK_N: tl.constexpr, RAW_BLOCK_N: tl.constexpr,
+    BLOCK: tl.constexpr, LOG_BLOCK: tl.constexpr, SCALE: tl.constexpr, ROTATE_VALUES: tl.constexpr,
+    INT4_DOT: tl.constexpr, ROT_PRECISION: tl.constexpr, DOT_PRECISION: tl.constexpr, RESIDUAL_DOTS: tl.constexpr,
+    PREFETCH: tl.constexpr,
     HAS_KMEAN: tl.constexpr, HAS_VMEAN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    HAS_SINKS: tl.constexpr, SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_SINKS: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
 ):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -347,7 +404,6 @@ def _attention_kernel(
     row_ok = (g < G) & (qi < nq)
     q_pos = total - nq + qi
     d = tl.arange(0, D)
-    dot_ty = Q.dtype.element_ty
     q = tl.load(
         Q + b * sq_b + (h * G + g)[:, None] * sq_h + qi[:, None] * sq_n + d[None, :], mask=row_ok[:, None], other=0.0
     ).to(tl.float32)
@@ -356,94 +412,110 @@ def _attention_kernel(
     l_i = tl.zeros([M], tl.float32)
     acc = tl.zeros([M, D], tl.float32)
 
-    # INT4 pages, in the rotated (and centered) frame.
-    n_pages = tl.cdiv(num_paged, P)
-    p0 = s * pages_per_split
-    p1 = tl.minimum(p0 + pages_per_split, n_pages)
-    if p1 > p0:
-        q_rot = _rotate_by_dot(q, HAD, M, D, BLOCK, LOG_BLOCK, SCALE, ROT_PRECISION)
+    # INT4 pages, in the rotated (and centered) frame, BLOCK_N tokens (one or more pages) per step.
+    n_tiles = tl.cdiv(num_paged, BLOCK_N)
+    t0 = s * tiles_per_split
+    t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
+    if t1 > t0:
+        q_rot = _rotate_by_dot(q, M, D, BLOCK, LOG_BLOCK, SCALE, ROT_PRECISION)
         q_sum = tl.sum(q_rot, axis=1)
         if HAS_KMEAN:
             q_bias = tl.sum(q * tl.load(KMEAN + h * D + d)[None, :], axis=1)
         else:
             q_bias = tl.zeros([M], tl.float32)
-        q_even_f, q_odd_f = tl.split(tl.reshape(q_rot, (M, D // 2, 2)))
-        q_even = q_even_f.to(dot_ty)
-        q_odd = q_odd_f.to(dot_ty)
-        # Decode is bound by memory, not by the tensor cores: there, queries and probabilities also go through
-        # the dots as a second, residual term (hi + lo), so rounding them to 16 bits costs no accuracy.
-        q_even_lo = (q_even_f - q_even.to(tl.float32)).to(dot_ty)
-        q_odd_lo = (q_odd_f - q_odd.to(tl.float32)).to(dot_ty)
-        # The dot sees codes + MAGIC; subtract MAGIC * sum(q) with the same rounded q.
-        q_dot_sum = tl.sum(q_even.to(tl.float32), axis=1) + tl.sum(q_odd.to(tl.float32), axis=1)
-        if RESIDUAL_DOTS:
-            q_dot_sum += tl.sum(q_even_lo.to(tl.float32), axis=1) + tl.sum(q_odd_lo.to(tl.float32), axis=1)
-        q_magic = MAGIC * q_dot_sum
+        # The dots take the codes as exact small integers and the query in INT4_DOT (float16 for 16-bit models:
+        # 3 more bits than bfloat16). Each row is first scaled by a power of two (exact) so that its largest
+        # entry sits near 2^13, far from float16's overflow and underflow; the scores are scaled back.
+        q_exp = _pow2_exponent(tl.max(tl.abs(q_rot), axis=1), 13)
+        q_unit = q_rot * _exp2i(-q_exp)[:, None]
+        q_pow = _exp2i(q_exp)
+        q_even_f, q_odd_f = tl.split(tl.reshape(q_unit, (M, D // 2, 2)))
+        q_even = q_even_f.to(INT4_DOT)
+        q_odd = q_odd_f.to(INT4_DOT)
+        # Residual dots (decode): what rounding to float16 dropped goes through a second dot with the same codes,
+        # so the products are float32-accurate, like the torch twin's; measured +40-55% decode time.
+        q_even_lo = (q_even_f - q_even.to(tl.float32)).to(INT4_DOT)
+        q_odd_lo = (q_odd_f - q_odd.to(tl.float32)).to(INT4_DOT)
         acc_even = tl.zeros([M, D // 2], tl.float32)
         acc_odd = tl.zeros([M, D // 2], tl.float32)
         off_acc = tl.zeros([M], tl.float32)
-        slot = tl.arange(0, P)
-        half = tl.arange(0, D // 2)
-        pair = tl.arange(0, 2)
-        for pg in range(p0, p1):
-            page = tl.load(BT + b * s_bt + pg).to(tl.int64)
-            pos = pg * P + slot
+        cols = tl.arange(0, BLOCK_N)
+        stop = tl.minimum(num_paged, t1 * BLOCK_N)  # this split's last position + 1
+        if PREFETCH:
+            # Software pipelining by hand (Triton does not pipeline these gathered loads): the codes of step
+            # i + 1 and the page numbers of step i + 2 are requested before step i computes.
+            page = _tile_pages(BT, b, s_bt, t0, stop, cols, BLOCK_N, P)
+            k_codes_next, v_codes_next, k_meta_next, v_meta_next = _tile_loads(
+                KC, KM, VC, VM, page, t0, stop, cols, h, H, D, BLOCK_N, P)
+            page_next = _tile_pages(BT, b, s_bt, t0 + 1, stop, cols, BLOCK_N, P)
+        for tile in range(t0, t1):
+            pos = tile * BLOCK_N + cols
             kv_ok = pos < num_paged
-            row = (page * H + h) * P + slot
-            k_codes = tl.load(KC + row[:, None] * (D // 2) + half[None, :])
-            k_scale, k_off = tl.split(tl.load(KM + row[:, None] * 2 + pair[None, :]).to(tl.float32))
-            k_scale = tl.where(kv_ok, k_scale, 0.0)
-            k_off = tl.where(kv_ok, k_off, 0.0)
-            k_lo, k_hi = _nibbles(k_codes, dot_ty, MAGIC)
+            if PREFETCH:
+                k_codes, v_codes, k_meta, v_meta = k_codes_next, v_codes_next, k_meta_next, v_meta_next
+                k_codes_next, v_codes_next, k_meta_next, v_meta_next = _tile_loads(
+                    KC, KM, VC, VM, page_next, tile + 1, stop, cols, h, H, D, BLOCK_N, P)
+                page_next = _tile_pages(BT, b, s_bt, tile + 2, stop, cols, BLOCK_N, P)
+            else:
+                page = _tile_pages(BT, b, s_bt, tile, stop, cols, BLOCK_N, P)
+                k_codes, v_codes, k_meta, v_meta = _tile_loads(
+                    KC, KM, VC, VM, page, tile, stop, cols, h, H, D, BLOCK_N, P)
+            k_scale, k_off = tl.split(k_meta.to(tl.float32))
+            v_scale, v_off = tl.split(v_meta.to(tl.float32))
+            k_lo, k_hi = _code_values(k_codes, INT4_DOT)
             sc = tl.dot(q_even, tl.trans(k_lo), input_precision=DOT_PRECISION)
             sc = tl.dot(q_odd, tl.trans(k_hi), sc, input_precision=DOT_PRECISION)
             if RESIDUAL_DOTS:
                 sc = tl.dot(q_even_lo, tl.trans(k_lo), sc, input_precision=DOT_PRECISION)
                 sc = tl.dot(q_odd_lo, tl.trans(k_hi), sc, input_precision=DOT_PRECISION)
-            sc = (sc - q_magic[:, None]) * k_scale[None, :] + q_sum[:, None] * k_off[None, :] + q_bias[:, None]
+            sc = sc * q_pow[:, None] * k_scale[None, :] + q_sum[:, None] * k_off[None, :] + q_bias[:, None]
             sc = _scale_and_cap(sc, scaling, softcap, HAS_SOFTCAP)
             ok = kv_ok[None, :] & row_ok[:, None]
             if HAS_MASK:
                 ok = ok & (tl.load(MASK + b * sm_b + qi[:, None] * sm_q + pos[None, :], mask=ok, other=0) != 0)
             sc = tl.where(ok, sc, float("-inf"))
             p, alpha, m_i, l_i = _online_softmax_step(sc, m_i, l_i)
-            v_codes = tl.load(VC + row[:, None] * (D // 2) + half[None, :])
-            v_scale, v_off = tl.split(tl.load(VM + row[:, None] * 2 + pair[None, :]).to(tl.float32))
-            v_scale = tl.where(kv_ok, v_scale, 0.0)
-            v_off = tl.where(kv_ok, v_off, 0.0)
-            p_scaled_f = p * v_scale[None, :]
-            p_scaled = p_scaled_f.to(dot_ty)
-            v_lo, v_hi = _nibbles(v_codes, dot_ty, MAGIC)
-            acc_even = tl.dot(p_scaled, v_lo, acc_even * alpha[:, None], input_precision=DOT_PRECISION)
-            acc_odd = tl.dot(p_scaled, v_hi, acc_odd * alpha[:, None], input_precision=DOT_PRECISION)
-            p_dot_sum = p_scaled.to(tl.float32)
+            # p @ (scale * codes): p * scale, brought near 2^14 by one power of two per step for float16.
+            v_exp = _pow2_exponent(tl.max(v_scale, axis=0), 14)
+            p_scaled_f = p * (v_scale * _exp2i(-v_exp))[None, :]
+            p_scaled = p_scaled_f.to(INT4_DOT)
+            v_lo, v_hi = _code_values(v_codes, INT4_DOT)
+            pv_even = tl.dot(p_scaled, v_lo, input_precision=DOT_PRECISION)
+            pv_odd = tl.dot(p_scaled, v_hi, input_precision=DOT_PRECISION)
             if RESIDUAL_DOTS:
-                p_scaled_lo = (p_scaled_f - p_scaled.to(tl.float32)).to(dot_ty)
-                acc_even = tl.dot(p_scaled_lo, v_lo, acc_even, input_precision=DOT_PRECISION)
-                acc_odd = tl.dot(p_scaled_lo, v_hi, acc_odd, input_precision=DOT_PRECISION)
-                p_dot_sum += p_scaled_lo.to(tl.float32)
-            off_acc = off_acc * alpha + tl.sum(p * v_off[None, :] - MAGIC * p_dot_sum, axis=1)
+                p_scaled_lo = (p_scaled_f - p_scaled.to(tl.float32)).to(INT4_DOT)
+                pv_even = tl.dot(p_scaled_lo, v_lo, pv_even, input_precision=DOT_PRECISION)
+                pv_odd = tl.dot(p_scaled_lo, v_hi, pv_odd, input_precision=DOT_PRECISION)
+            v_pow = _exp2i(v_exp)
+            acc_even = acc_even * alpha[:, None] + pv_even * v_pow
+            acc_odd = acc_odd * alpha[:, None] + pv_odd * v_pow
+            off_acc = off_acc * alpha + tl.sum(p * v_off[None, :], axis=1)
         acc = tl.reshape(tl.join(acc_even, acc_odd), (M, D)) + off_acc[:, None]
         # Back to the model's frame: sum p (H v + mean) = H (sum p v) + (sum p) mean.
         if ROTATE_VALUES:
-            acc = _rotate_by_dot(acc, HAD, M, D, BLOCK, LOG_BLOCK, SCALE, ROT_PRECISION)
+            acc = _rotate_by_dot(acc, M, D, BLOCK, LOG_BLOCK, SCALE, ROT_PRECISION)
         if HAS_VMEAN:
             acc += l_i[:, None] * tl.load(VMEAN + h * D + d)[None, :]
 
-    # Full-precision window and current chunk (the last split), in the model's frame.
+    # Full-precision window and current chunk (the last split), in the model's frame, at the model's dtype.
     if s == num_splits - 1:
-        q_dot = q.to(dot_ty)
-        cols = tl.arange(0, BLOCK_N)
+        raw_ty = RK.dtype.element_ty
+        q_dot = q.to(raw_ty)
+        q_dot_lo = (q - q_dot.to(tl.float32)).to(raw_ty)
+        cols = tl.arange(0, RAW_BLOCK_N)
         raw_start = total - n_raw
         raw_stop = n_raw
         if not HAS_MASK:  # causal: no query of this block sees keys after its last position
             raw_stop = tl.minimum(n_raw, total - nq + (qb + 1) * BLOCK_Q - raw_start)
-        for n0 in range(0, raw_stop, BLOCK_N):
+        for n0 in range(0, raw_stop, RAW_BLOCK_N):
             j = n0 + cols
             j_ok = j < n_raw
             offs = b * sr_b + h * sr_h + j[:, None] * sr_n + d[None, :]
-            k = tl.load(RK + offs, mask=j_ok[:, None], other=0.0).to(dot_ty)
-            sc = _scale_and_cap(tl.dot(q_dot, tl.trans(k), input_precision=DOT_PRECISION), scaling, softcap, HAS_SOFTCAP)
+            k = tl.load(RK + offs, mask=j_ok[:, None], other=0.0)
+            sc = tl.dot(q_dot, tl.trans(k), input_precision=DOT_PRECISION)
+            if RESIDUAL_DOTS:
+                sc = tl.dot(q_dot_lo, tl.trans(k), sc, input_precision=DOT_PRECISION)
+            sc = _scale_and_cap(sc, scaling, softcap, HAS_SOFTCAP)
             pos = raw_start + j
             ok = j_ok[None, :] & row_ok[:, None]
             if HAS_MASK:
@@ -452,8 +524,12 @@ def _attention_kernel(
                 ok = ok & (pos[None, :] <= q_pos[:, None])
             sc = tl.where(ok, sc, float("-inf"))
             p, alpha, m_i, l_i = _online_softmax_step(sc, m_i, l_i)
-            v = tl.load(RV + offs, mask=j_ok[:, None], other=0.0).to(dot_ty)
-            acc = acc * alpha[:, None] + tl.dot(p.to(dot_ty), v, input_precision=DOT_PRECISION)
+            v = tl.load(RV + offs, mask=j_ok[:, None], other=0.0)
+            p_dot = p.to(raw_ty)
+            pv = tl.dot(p_dot, v, input_precision=DOT_PRECISION)
+            if RESIDUAL_DOTS:
+                pv = tl.dot((p - p_dot.to(tl.float32)).to(raw_ty), v, pv, input_precision=DOT_PRECISION)
+            acc = acc * alpha[:, None] + pv
 
     if SINGLE_SPLIT:
         _finish_and_store(acc, m_i, l_i, SINKS, OUT, b, h, g, qi, row_ok, so_b, so_n, so_h, G, D, HAS_SINKS)
@@ -462,7 +538,6 @@ def _attention_kernel(
         tl.store(PART_M + part, m_i)
         tl.store(PART_L + part, l_i)
         tl.store(PART_ACC + part[:, None] * D + d[None, :], acc)
-
 
 @triton.jit
 def _finish_and_store(acc, m_i, l_i, SINKS, OUT, b, h, g, qi, row_ok, so_b, so_n, so_h, G, D: tl.constexpr,
@@ -526,18 +601,20 @@ def _merge_splits_kernel(
         tl.store(ptr, _round_to(out, OUT.dtype.element_ty))
 
 
-def _attention_plan(b: int, h: int, g: int, nq: int, n_pages: int, device: torch.device):
-    """(BLOCK_Q, M, number of query blocks, splits, pages per split) for one call."""
+def _attention_plan(b: int, h: int, g: int, nq: int, num_paged: int, device: torch.device):
+    """(BLOCK_Q, M, number of query blocks, BLOCK_N, splits, tiles per split) for one call."""
     block_q = max(1, min(triton.next_power_of_2(nq), max(1, TUNING["prefill_rows"] // triton.next_power_of_2(g))))
     m = max(16, triton.next_power_of_2(g) * block_q)
     q_blocks = triton.cdiv(nq, block_q)
+    block_n = TUNING["decode_block_n" if nq <= TUNING["decode_max_queries"] else "prefill_block_n"]
+    n_tiles = triton.cdiv(num_paged, block_n)
     programs = b * h * q_blocks
     splits = 1
-    if n_pages > 1:
-        splits = min(n_pages, max(1, triton.cdiv(_programs_wanted(device), programs)))
-    pages_per_split = triton.cdiv(n_pages, splits) if n_pages else 1
-    splits = triton.cdiv(n_pages, pages_per_split) if n_pages else 1
-    return block_q, m, q_blocks, splits, pages_per_split
+    if n_tiles > 1:
+        splits = min(n_tiles, max(1, triton.cdiv(_programs_wanted(device), programs)))
+    tiles_per_split = triton.cdiv(n_tiles, splits) if n_tiles else 1
+    splits = triton.cdiv(n_tiles, tiles_per_split) if n_tiles else 1
+    return block_q, m, q_blocks, block_n, splits, tiles_per_split
 
 
 def _paged_attention(
@@ -574,8 +651,7 @@ def _paged_attention(
     g = hq // h
     total = num_paged + n_raw
     page_size = pool.k_codes.shape[2] if pool is not None else 16
-    n_pages = triton.cdiv(num_paged, page_size)
-    block_q, m, q_blocks, splits, pages_per_split = _attention_plan(b, h, g, nq, n_pages, query.device)
+    block_q, m, q_blocks, block_n, splits, tiles_per_split = _attention_plan(b, h, g, nq, num_paged, query.device)
     if query.stride(-1) != 1:
         query = query.contiguous()
     out = torch.empty(b, nq, hq, d, dtype=query.dtype, device=query.device)
@@ -585,20 +661,23 @@ def _paged_attention(
         part_acc = torch.empty(part_m.numel(), d, dtype=torch.float32, device=query.device)
     else:
         part_m = part_l = part_acc = out
-    dummy = query
-    if pool is None:
-        pool = PagedKV(dummy, dummy, dummy, dummy)
+    if pool is None:  # no pages yet: nothing is read, but the kernel is typed by uint8 codes and 16-bit meta
+        codes = query.view(torch.uint8)
+        pool = PagedKV(codes, query, codes, query)
         block_table = query
     if mask is not None:
         if mask.dtype != torch.bool:
             raise ValueError("the Triton attention takes boolean masks (transformers' sdpa masks); got " + str(mask.dtype))
         mask = mask.expand(b, 1, nq, total)
         mask_u8 = mask.view(torch.uint8)
+    sixteen_bit = query.dtype != torch.float32
     if INTERPRET:  # the CPU interpreter computes 16-bit dots wrongly: there, dots run in float32
         query = query.float()
         raw_k, raw_v = (raw_k.float(), raw_v.float()) if raw_k is not None else (None, None)
+        sixteen_bit = False
     rk = raw_k if raw_k is not None else query
     rv = raw_v if raw_v is not None else query
+    decode = nq <= TUNING["decode_max_queries"]
     _attention_kernel[(q_blocks, b * h, splits)](
         query, query.stride(0), query.stride(1), query.stride(2),
         pool.k_codes, pool.k_meta, pool.v_codes, pool.v_meta, block_table, block_table.stride(0),
@@ -609,18 +688,19 @@ def _paged_attention(
         sinks if sinks is not None else query,
         out, out.stride(0), out.stride(1), out.stride(2),
         part_m, part_l, part_acc,
-        num_paged, n_raw, nq, total, pages_per_split, h, splits, q_blocks,
-        scaling, softcap or 0.0, _sylvester_pm1(hadamard_block, query.device) if hadamard_block else query,
-        G=g, BLOCK_Q=block_q, M=m, D=d, P=page_size, BLOCK_N=64,
+        num_paged, n_raw, nq, total, tiles_per_split, h, splits, q_blocks,
+        scaling, softcap or 0.0,
+        G=g, BLOCK_Q=block_q, M=m, D=d, P=page_size, BLOCK_N=block_n, RAW_BLOCK_N=64,
         BLOCK=hadamard_block, LOG_BLOCK=_log2(hadamard_block), SCALE=hadamard_scale(hadamard_block) if hadamard_block else 1.0,
         ROTATE_VALUES=bool(rotate_values and hadamard_block),
-        MAGIC=_magic(query.dtype) if TUNING["fast_nibbles"] else 0.0,
-        RESIDUAL_DOTS=query.dtype != torch.float32 and TUNING["residual_dots"],
-        ROT_PRECISION="ieee" if query.dtype == torch.float32 else TUNING["rotation_precision"],
+        INT4_DOT=tl.float16 if sixteen_bit else tl.float32,
+        ROT_PRECISION=TUNING["rotation_precision"] if sixteen_bit else "ieee",
+        DOT_PRECISION="tf32" if sixteen_bit else "ieee",
+        RESIDUAL_DOTS=sixteen_bit and decode and TUNING["decode_residual_dots"],
+        PREFETCH=TUNING["decode_prefetch" if decode else "prefill_prefetch"],
         HAS_KMEAN=key_mean is not None, HAS_VMEAN=value_mean is not None, HAS_MASK=mask is not None,
         HAS_SOFTCAP=bool(softcap), HAS_SINKS=sinks is not None, SINGLE_SPLIT=splits == 1,
-        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        **TUNING["decode" if nq <= 16 else "prefill"],
+        **TUNING["decode" if decode else "prefill"],
     )
     if splits > 1:
         _merge_splits_kernel[(q_blocks, b * h, m)](

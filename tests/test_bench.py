@@ -1,0 +1,75 @@
+"""`saw-kvcache bench` smoke test: the tiny shape, two eager caches, two cases, on the CPU (a few seconds)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from saw_kvcache import cli
+from saw_kvcache.bench.methods import all_methods, kv_bytes
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_bench_command_writes_json_markdown_and_plots_with_consistent_numbers(tmp_path, capsys):
+    argv = [
+        "bench", "--model", "tiny", "--layers", "1", "--cases", "1x24,2x40", "--new-tokens", "3",
+        "--methods", "saw-eager,dynamic,quanto", "--saw-config", "residual_length=0,page_size=16,backend=torch",
+        "--capacity-context", "1024", "--capacity", "estimate", "--capacity-memory-gb", "0.5",
+        "--out", str(tmp_path), "--name", "smoke", "--no-progress",
+    ]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    result = json.load(open(tmp_path / "smoke.json"))
+    assert os.path.exists(tmp_path / "smoke.md") and "| SawInt4Cache eager | warm | 2 | 40 | ok |" in printed
+    rows = result["rows"]
+    assert len(rows) == 2 * 2 * 2  # methods x cases x (first, warm)
+    assert {(r["method"], r["batch"], r["context"], r["pass"]) for r in rows} == {
+        (m, b, c, p) for m in ("saw-eager", "dynamic") for b, c in ((1, 24), (2, 40)) for p in ("first", "warm")
+    }
+    for r in rows:
+        assert r["status"] == "ok" and r["new_tokens"] == 3
+        assert r["prefill_s"] > 0 and r["decode_ms_per_step"] > 0
+        assert r["decode_tokens_per_s"] == pytest.approx(r["batch"] / (r["decode_ms_per_step"] / 1e3))
+    by = {(r["method"], r["batch"], r["pass"]): r for r in rows}
+    # DynamicCache in float32: 2 (K, V) x 2 KV heads x 32 dims x 4 bytes x 1 layer per token, exactly.
+    assert by[("dynamic", 2, "warm")]["kv_bytes_per_token"] == 2 * 2 * 32 * 4
+    # SawInt4Cache: 16 code bytes + 8 meta bytes (float32) per token-head for K and V, in whole pages of 16 slots.
+    pages = 2 * -(-(40 + 3 - 1) // 16)
+    assert by[("saw-eager", 2, "warm")]["kv_bytes_in_use"] == pages * 16 * 2 * 2 * (16 + 8)
+    assert result["skipped"][0]["method"] == "quanto" or result["skipped"] == []
+    capacity = {r["method"]: r for r in result["capacity"]["rows"]}
+    assert capacity["dynamic"]["batch"] == int(0.9 * 0.5 * 2**30 // (512 * 1024))
+    assert capacity["saw-eager"]["batch"] > 2 * capacity["dynamic"]["batch"]
+    ratios = {r["method"]: r["ratios"] for r in result["ratios"]}
+    assert ratios["dynamic"] == [1.0, 1.0]
+    if "no plots" not in printed:  # matplotlib installed
+        assert os.path.getsize(tmp_path / "smoke_throughput.png") > 0
+        assert os.path.getsize(tmp_path / "smoke_capacity.png") > 0
+
+
+def test_bench_rejects_unknown_model_and_bad_cases(capsys):
+    assert cli.main(["bench", "--model", "no-such-shape", "--cases", "1x8", "--no-progress"]) == 2
+    assert "unknown model 'no-such-shape'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--cases", "8192"])
+    assert cli._cases("1x8k, 16x8192") == [(1, 8192), (16, 8192)]
+
+
+def test_kv_bytes_counts_each_storage_once():
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    k = torch.zeros(1, 2, 5, 8)
+    cache.update(k, k.clone(), 0)
+    assert kv_bytes(cache) == (2 * 5 * 8 * 4 * 2, 2 * 5 * 8 * 4 * 2)
+    assert set(all_methods({})) >= {"saw-eager", "saw-compiled", "dynamic", "static-compiled", "quanto", "hqq"}
