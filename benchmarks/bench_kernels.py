@@ -202,25 +202,31 @@ def _best(label, candidates, measure):
     return [{"us": us, **update} for us, update in results]
 
 
-def sweep():
+SWEEPS = ("decode", "programs", "write", "prefill")
+
+
+def sweep(kernels=SWEEPS):
     """Launch settings of each kernel, chosen by time on this GPU (sum over a few representative shapes)."""
     decode_shapes = ((1, 32768), (8, 8192), (32, 8192))
     decode_total = lambda: sum(int4_decode_us(b, c) for b, c in decode_shapes)  # noqa: E731
     log = {}
-    # num_stages barely mattered on an H200 (Triton does not pipeline these gathered loads): prefetching does it.
-    log["decode"] = _best("decode", [
-        {"decode_block_n": n, "decode_prefetch": pf, "decode": {"num_warps": w, "num_stages": 2}}
-        for n in (64, 128, 256) for w in (4, 8) for pf in (False, True)
-    ], decode_total)
-    log["decode_programs"] = _best("decode programs/SM", [{"programs_per_sm": k} for k in (1, 2, 4, 8)], decode_total)
-    log["write"] = _best("write", [
-        {"write_butterfly": bf, "write_tokens": t, "write": {"num_warps": w}}
-        for bf in ("reshape", "gather") for t in (16, 32, 64) for w in (4, 8)
-    ], lambda: write_us(16384, 64))
-    log["prefill"] = _best("prefill", [
-        {"prefill_block_n": n, "prefill_rows": r, "prefill_prefetch": pf, "prefill": {"num_warps": w, "num_stages": 2}}
-        for n in (64, 128) for r in (64, 128) for w in (4, 8) for pf in (False, True)
-    ], lambda: prefill_us(4096, 28672, baseline=False, repeats=2)[0])
+    if "decode" in kernels:
+        log["decode"] = _best("decode", [
+            {"decode_block_n": n, "decode": {"num_warps": w, "num_stages": st}}
+            for n in (128, 256) for w in (4, 8) for st in (2, 3)
+        ], decode_total)
+    if "programs" in kernels:
+        log["decode_programs"] = _best("decode programs/SM", [{"programs_per_sm": k} for k in (1, 2, 4)], decode_total)
+    if "write" in kernels:
+        log["write"] = _best("write", [
+            {"write_butterfly": bf, "write_tokens": t, "write": {"num_warps": w}}
+            for bf in ("reshape", "gather") for t in (16, 32, 64) for w in (4, 8)
+        ], lambda: write_us(16384, 64))
+    if "prefill" in kernels:
+        log["prefill"] = _best("prefill", [
+            {"prefill_block_n": n, "prefill_rows": r, "prefill": {"num_warps": w, "num_stages": st}}
+            for n in (64, 128) for r in (64, 128) for w in (4, 8) for st in (2, 3)
+        ], lambda: prefill_us(4096, 28672, baseline=False, repeats=2)[0])
     return log
 
 
@@ -241,7 +247,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for results.json and results.md")
     parser.add_argument("--quick", action="store_true", help="two decode shapes only")
-    parser.add_argument("--sweep", action="store_true",
+    parser.add_argument("--sweep", nargs="?", const=",".join(SWEEPS), default="", metavar="KERNELS",
                         help="first time each kernel over its launch settings and keep the fastest for the table")
     parser.add_argument("--tuning", help="JSON object of TUNING overrides, applied before everything else")
     args = parser.parse_args()
@@ -251,7 +257,7 @@ def main():
     if args.tuning:
         triton_kernels.TUNING.update(json.loads(args.tuning))
     if args.sweep:
-        env["sweep"] = sweep()
+        env["sweep"] = sweep(args.sweep.split(","))
         print("tuning after sweep:", json.dumps(triton_kernels.TUNING), flush=True)
     env["tuning"] = dict(triton_kernels.TUNING)
     for batch, ctx in shapes:

@@ -8,8 +8,9 @@
     the scores and the value rotation and mean are undone before the full-precision part. The sequence is split
     over programs (flash-decoding) when queries alone do not fill the GPU; a second kernel merges the splits.
     Keys are never dequantized element by element: scores = scale * (q · codes) + sum(q) * offset, and
-    p @ V = (p * scale) @ codes + p · offset, with the 4-bit codes fed to tl.dot as exact small integers and
-    the rotated query and p * scale as float16 (for 16-bit models), each brought near 2^13 by a power of two.
+    p @ V = (p * scale) @ codes + p · offset. In decode the codes go to int8 tensor-core dots as they are, and the
+    rotated query and p * scale as int8 pieces (exact int32 products, 2^-16 of each row's range); in prefill,
+    where the softmax's elementwise work dominates, as float16 (the codes as exact float16).
   * dequantize_pages: pages back to the model frame (fallbacks, export, debugging).
 
 No launcher synchronizes with the GPU or reads GPU values on the host; grids depend on host integers only.
@@ -36,9 +37,9 @@ TUNING = {
     "prefill": {"num_warps": 4, "num_stages": 2},
     "decode_max_queries": 16,  # up to this many queries per sequence use the decode settings
     "decode_block_n": 256,  # tokens of INT4 pages per step of the decode loop (may span several pages)
-    "decode_residual_dots": True,  # float32-accurate products in decode (16-bit models), see the kernel
-    "decode_prefetch": False,  # load step i + 1 while step i computes (not yet timed on a GPU)
-    "prefill_prefetch": False,
+    "decode_residual_dots": True,  # float32-accurate products with the full-precision window in decode
+    "int8_pieces": 2,  # int8 parts of the query and of p in the decode dots (16-bit models; float32 models use 4)
+    "nibble_asm": True,  # split the codes by inline PTX (the CPU interpreter cannot run it: plain ops there)
     "prefill_block_n": 64,
     "prefill_rows": 64,  # query rows (heads x positions) per program when queries are many
     "programs_per_sm": 2,  # the sequence is split until about this many programs per SM are running
@@ -290,16 +291,30 @@ def _rotate_by_dot(x, ROWS: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, 
                    SCALE: tl.constexpr, PRECISION: tl.constexpr):
     """Block-diagonal Hadamard rotation of a [ROWS, D] float32 tile as one matrix product with the +-1 Sylvester
     matrix, then * SCALE. Used where bit-exactness is not needed."""
+    # One chain of static branches with one return: the GPU compiler also builds the code after an early return.
     if BLOCK == 0:
-        return x
-    if BLOCK < 16:  # below tl.dot's smallest tile
-        return _fwht(x, ROWS, D, LOG_BLOCK, SCALE)
-    had = _sylvester(BLOCK)
-    if D == BLOCK:
-        y = tl.dot(x, had, input_precision=PRECISION)
+        y = x
+    elif BLOCK < 16:  # below tl.dot's smallest tile
+        y = _fwht(x, ROWS, D, LOG_BLOCK, SCALE)
+    elif ROWS * (D // BLOCK) < 16:
+        y = _fwht(x, ROWS, D, LOG_BLOCK, SCALE)
+    elif D == BLOCK:
+        y = tl.dot(x, _sylvester(BLOCK), input_precision=PRECISION) * SCALE
     else:
-        y = tl.reshape(tl.dot(tl.reshape(x, (ROWS * (D // BLOCK), BLOCK)), had, input_precision=PRECISION), (ROWS, D))
-    return y * SCALE
+        y = tl.reshape(tl.dot(tl.reshape(x, (ROWS * (D // BLOCK), BLOCK)), _sylvester(BLOCK), input_precision=PRECISION),
+                       (ROWS, D)) * SCALE
+    return y
+
+
+@triton.jit
+def _nibbles(codes, ASM: tl.constexpr):
+    """(low, high) 4-bit halves of uint8 codes as int8. With ASM, on 4 bytes per 32-bit register at once (three
+    instructions for 8 codes; Triton's own lowering extracts and repacks every byte)."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            "and.b32 $0, $2, 0x0F0F0F0F;\n\tshr.b32 $1, $2, 4;\n\tand.b32 $1, $1, 0x0F0F0F0F;",
+            "=r,=r,r", [codes], dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
+    return (codes & 15).to(tl.int8), (codes >> 4).to(tl.int8)
 
 
 @triton.jit
@@ -317,16 +332,45 @@ def _exp2i(e):
 
 
 @triton.jit
-def _code_values(codes, ty: tl.constexpr):
-    """(low, high) nibbles of uint8 codes as exact values of type ty. For float16 the float is assembled from
-    bits (1024 + code, then 1024 subtracted: both exact), which avoids integer-to-float conversions."""
-    if ty == tl.float16:
-        lo = ((codes & 15).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
-        hi = ((codes >> 4).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
-    else:
-        lo = (codes & 15).to(tl.float32)
-        hi = (codes >> 4).to(tl.float32)
-    return lo.to(ty), hi.to(ty)
+def _int4_to_float16(nibbles):
+    """int8 values 0..15 as exact float16: 1024 + n assembled from bits, then 1024 subtracted (both exact)."""
+    return (nibbles.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+
+
+@triton.jit
+def _int8_pieces(x, ROWS: tl.constexpr, COLS: tl.constexpr, PIECES: tl.constexpr):
+    """x [ROWS, COLS] with |x| <= 127 as PIECES int8 tiles stacked along the rows, [PIECES * ROWS, COLS]:
+    x = x_0 + x_1 / 254 + x_2 / 254^2 + ..., each x_i in [-127, 127], error at most 0.5 / 254^(PIECES-1)."""
+    x0 = tl.floor(x + 0.5)
+    r = (x - x0) * 254.0
+    x1 = tl.floor(r + 0.5)
+    out = tl.reshape(tl.permute(tl.join(x0.to(tl.int8), x1.to(tl.int8)), (2, 0, 1)), (2 * ROWS, COLS))
+    if PIECES == 4:
+        r = (r - x1) * 254.0
+        x2 = tl.floor(r + 0.5)
+        x3 = tl.floor((r - x2) * 254.0 + 0.5)
+        low = tl.reshape(tl.permute(tl.join(x2.to(tl.int8), x3.to(tl.int8)), (2, 0, 1)), (2 * ROWS, COLS))
+        out = tl.reshape(tl.permute(tl.join(out, low), (2, 0, 1)), (4 * ROWS, COLS))
+    return out
+
+
+@triton.jit
+def _sum_pieces(y, ROWS: tl.constexpr, COLS: tl.constexpr, PIECES: tl.constexpr):
+    """Inverse of _int8_pieces after a product: y [PIECES * ROWS, COLS] int32 -> sum_i y_i / 254^i, float32."""
+    y = tl.reshape(y.to(tl.float32), (PIECES, ROWS, COLS))
+    i = tl.arange(0, PIECES)
+    weight = tl.where(i == 0, 1.0, tl.where(i == 1, 1.0 / 254, tl.where(i == 2, 1.0 / 64516, 1.0 / 16387064)))
+    return tl.sum(y * weight[:, None, None], axis=0)
+
+
+@triton.jit
+def _stack_rounded(x, ty: tl.constexpr, PIECES: tl.constexpr):
+    """x [R, C] float32 as ty; for PIECES == 2, [x_hi; x_lo] [2R, C] with x_hi = ty(x), x_lo = ty(x - x_hi)."""
+    out = x.to(ty)
+    if PIECES == 2:
+        lo = (x - out.to(tl.float32)).to(ty)
+        out = tl.reshape(tl.permute(tl.join(out, lo), (2, 0, 1)), (2 * x.shape[0], x.shape[1]))
+    return out
 
 
 @triton.jit
@@ -357,19 +401,23 @@ def _tile_pages(BT, b, s_bt, tile, stop, cols, BLOCK_N: tl.constexpr, P: tl.cons
 
 @triton.jit
 def _tile_loads(KC, KM, VC, VM, page, tile, stop, cols, h, H, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                P: tl.constexpr):
+                P: tl.constexpr, CODE_ALIGN: tl.constexpr, META_ALIGN: tl.constexpr):
     """Codes [BLOCK_N, D/2] and (scale, offset) [BLOCK_N, 2] of K and V for step `tile`, all requested together.
-    Slots from position `stop` on (past the sequence or this split) read as code 0, scale 0, offset 0, whatever the pool holds there,
-    NaN included, and cost no memory traffic."""
+    Slots from position `stop` on (past the sequence or this split) read as code 0, scale 0, offset 0, whatever
+    the pool holds there, NaN included, and cost no memory traffic. Each token's row starts 16-byte aligned
+    (codes) and 4-byte aligned (meta) when the pools do, which the launcher checks: the hints make every
+    row one or a few wide loads instead of one load per byte."""
     pos = tile * BLOCK_N + cols
     ok = (pos < stop)[:, None]
     row = (page * H + h) * P + pos % P
     half = tl.arange(0, D // 2)
     pair = tl.arange(0, 2)
-    k_codes = tl.load(KC + row[:, None] * (D // 2) + half[None, :], mask=ok, other=0)
-    v_codes = tl.load(VC + row[:, None] * (D // 2) + half[None, :], mask=ok, other=0)
-    k_meta = tl.load(KM + row[:, None] * 2 + pair[None, :], mask=ok, other=0.0)
-    v_meta = tl.load(VM + row[:, None] * 2 + pair[None, :], mask=ok, other=0.0)
+    k_row = tl.multiple_of(KC + row * (D // 2), CODE_ALIGN)
+    v_row = tl.multiple_of(VC + row * (D // 2), CODE_ALIGN)
+    k_codes = tl.load(k_row[:, None] + half[None, :], mask=ok, other=0)
+    v_codes = tl.load(v_row[:, None] + half[None, :], mask=ok, other=0)
+    k_meta = tl.load(tl.multiple_of(KM + row * 2, META_ALIGN)[:, None] + pair[None, :], mask=ok, other=0.0)
+    v_meta = tl.load(tl.multiple_of(VM + row * 2, META_ALIGN)[:, None] + pair[None, :], mask=ok, other=0.0)
     return k_codes, v_codes, k_meta, v_meta
 
 
@@ -388,8 +436,8 @@ def _attention_kernel(
     G: tl.constexpr, BLOCK_Q: tl.constexpr, M: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
     BLOCK_N: tl.constexpr, RAW_BLOCK_N: tl.constexpr,
     BLOCK: tl.constexpr, LOG_BLOCK: tl.constexpr, SCALE: tl.constexpr, ROTATE_VALUES: tl.constexpr,
-    INT4_DOT: tl.constexpr, ROT_PRECISION: tl.constexpr, DOT_PRECISION: tl.constexpr, RESIDUAL_DOTS: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    PIECES: tl.constexpr, ASM: tl.constexpr, CODE_ALIGN: tl.constexpr, META_ALIGN: tl.constexpr,
+    ROT_PRECISION: tl.constexpr, DOT_PRECISION: tl.constexpr, RAW_PIECES: tl.constexpr,
     HAS_KMEAN: tl.constexpr, HAS_VMEAN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_SINKS: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
 ):
@@ -423,72 +471,69 @@ def _attention_kernel(
             q_bias = tl.sum(q * tl.load(KMEAN + h * D + d)[None, :], axis=1)
         else:
             q_bias = tl.zeros([M], tl.float32)
-        # The dots take the codes as exact small integers and the query in INT4_DOT (float16 for 16-bit models:
-        # 3 more bits than bfloat16). Each row is first scaled by a power of two (exact) so that its largest
-        # entry sits near 2^13, far from float16's overflow and underflow; the scores are scaled back.
-        q_exp = _pow2_exponent(tl.max(tl.abs(q_rot), axis=1), 13)
-        q_unit = q_rot * _exp2i(-q_exp)[:, None]
-        q_pow = _exp2i(q_exp)
-        q_even_f, q_odd_f = tl.split(tl.reshape(q_unit, (M, D // 2, 2)))
-        q_even = q_even_f.to(INT4_DOT)
-        q_odd = q_odd_f.to(INT4_DOT)
-        # Residual dots (decode): what rounding to float16 dropped goes through a second dot with the same codes,
-        # so the products are float32-accurate, like the torch twin's; measured +40-55% decode time.
-        q_even_lo = (q_even_f - q_even.to(tl.float32)).to(INT4_DOT)
-        q_odd_lo = (q_odd_f - q_odd.to(tl.float32)).to(INT4_DOT)
+        # Integer dots: the 4-bit codes are exact int8, and the rotated query, scaled so that each row's largest
+        # entry is 127, is split into PIECES int8 parts stacked along the rows (error <= 2^-16 of the row's
+        # largest entry for 2 pieces), so one int8 dot per operand gives exact int32 sums of every part.
+        # PIECES == 0 (prefill, where the softmax's elementwise work dominates): float16 dots instead, the rotated
+        # query brought near 2^13 per row by an exact power of two, the codes as exact float16.
+        q_amax = tl.max(tl.abs(q_rot), axis=1)
+        if PIECES == 0:
+            q_step = _exp2i(_pow2_exponent(q_amax, 13))
+            q_a, q_b = tl.split(tl.reshape((q_rot * (1.0 / q_step)[:, None]).to(tl.float16), (M, D // 2, 2)))
+        else:
+            q_step = tl.where(q_amax > 0, q_amax / 127.0, 1.0)
+            q8 = _int8_pieces(q_rot * (1.0 / q_step)[:, None], M, D, PIECES)
+            q_a, q_b = tl.split(tl.reshape(q8, (PIECES * M, D // 2, 2)))
         acc_even = tl.zeros([M, D // 2], tl.float32)
         acc_odd = tl.zeros([M, D // 2], tl.float32)
         off_acc = tl.zeros([M], tl.float32)
         cols = tl.arange(0, BLOCK_N)
         stop = tl.minimum(num_paged, t1 * BLOCK_N)  # this split's last position + 1
-        if PREFETCH:
-            # Software pipelining by hand (Triton does not pipeline these gathered loads): the codes of step
-            # i + 1 and the page numbers of step i + 2 are requested before step i computes.
-            page = _tile_pages(BT, b, s_bt, t0, stop, cols, BLOCK_N, P)
-            k_codes_next, v_codes_next, k_meta_next, v_meta_next = _tile_loads(
-                KC, KM, VC, VM, page, t0, stop, cols, h, H, D, BLOCK_N, P)
-            page_next = _tile_pages(BT, b, s_bt, t0 + 1, stop, cols, BLOCK_N, P)
         for tile in range(t0, t1):
             pos = tile * BLOCK_N + cols
             kv_ok = pos < num_paged
-            if PREFETCH:
-                k_codes, v_codes, k_meta, v_meta = k_codes_next, v_codes_next, k_meta_next, v_meta_next
-                k_codes_next, v_codes_next, k_meta_next, v_meta_next = _tile_loads(
-                    KC, KM, VC, VM, page_next, tile + 1, stop, cols, h, H, D, BLOCK_N, P)
-                page_next = _tile_pages(BT, b, s_bt, tile + 2, stop, cols, BLOCK_N, P)
-            else:
-                page = _tile_pages(BT, b, s_bt, tile, stop, cols, BLOCK_N, P)
-                k_codes, v_codes, k_meta, v_meta = _tile_loads(
-                    KC, KM, VC, VM, page, tile, stop, cols, h, H, D, BLOCK_N, P)
+            page = _tile_pages(BT, b, s_bt, tile, stop, cols, BLOCK_N, P)
+            k_codes, v_codes, k_meta, v_meta = _tile_loads(
+                KC, KM, VC, VM, page, tile, stop, cols, h, H, D, BLOCK_N, P, CODE_ALIGN, META_ALIGN)
             k_scale, k_off = tl.split(k_meta.to(tl.float32))
             v_scale, v_off = tl.split(v_meta.to(tl.float32))
-            k_lo, k_hi = _code_values(k_codes, INT4_DOT)
-            sc = tl.dot(q_even, tl.trans(k_lo), input_precision=DOT_PRECISION)
-            sc = tl.dot(q_odd, tl.trans(k_hi), sc, input_precision=DOT_PRECISION)
-            if RESIDUAL_DOTS:
-                sc = tl.dot(q_even_lo, tl.trans(k_lo), sc, input_precision=DOT_PRECISION)
-                sc = tl.dot(q_odd_lo, tl.trans(k_hi), sc, input_precision=DOT_PRECISION)
-            sc = sc * q_pow[:, None] * k_scale[None, :] + q_sum[:, None] * k_off[None, :] + q_bias[:, None]
+            k_lo, k_hi = _nibbles(k_codes, ASM)
+            if PIECES == 0:
+                sc = tl.dot(q_a, tl.trans(_int4_to_float16(k_lo)))
+                sc = tl.dot(q_b, tl.trans(_int4_to_float16(k_hi)), sc)
+            else:
+                sc = tl.dot(q_a, tl.trans(k_lo), out_dtype=tl.int32)
+                sc = _sum_pieces(tl.dot(q_b, tl.trans(k_hi), sc, out_dtype=tl.int32), M, BLOCK_N, PIECES)
+            sc = sc * q_step[:, None] * k_scale[None, :] + q_sum[:, None] * k_off[None, :] + q_bias[:, None]
             sc = _scale_and_cap(sc, scaling, softcap, HAS_SOFTCAP)
             ok = kv_ok[None, :] & row_ok[:, None]
             if HAS_MASK:
                 ok = ok & (tl.load(MASK + b * sm_b + qi[:, None] * sm_q + pos[None, :], mask=ok, other=0) != 0)
             sc = tl.where(ok, sc, float("-inf"))
-            p, alpha, m_i, l_i = _online_softmax_step(sc, m_i, l_i)
-            # p @ (scale * codes): p * scale, brought near 2^14 by one power of two per step for float16.
-            v_exp = _pow2_exponent(tl.max(v_scale, axis=0), 14)
-            p_scaled_f = p * (v_scale * _exp2i(-v_exp))[None, :]
-            p_scaled = p_scaled_f.to(INT4_DOT)
-            v_lo, v_hi = _code_values(v_codes, INT4_DOT)
-            pv_even = tl.dot(p_scaled, v_lo, input_precision=DOT_PRECISION)
-            pv_odd = tl.dot(p_scaled, v_hi, input_precision=DOT_PRECISION)
-            if RESIDUAL_DOTS:
-                p_scaled_lo = (p_scaled_f - p_scaled.to(tl.float32)).to(INT4_DOT)
-                pv_even = tl.dot(p_scaled_lo, v_lo, pv_even, input_precision=DOT_PRECISION)
-                pv_odd = tl.dot(p_scaled_lo, v_hi, pv_odd, input_precision=DOT_PRECISION)
-            v_pow = _exp2i(v_exp)
-            acc_even = acc_even * alpha[:, None] + pv_even * v_pow
-            acc_odd = acc_odd * alpha[:, None] + pv_odd * v_pow
+            m_tile = tl.max(sc, axis=1)
+            m_new = tl.maximum(m_i, m_tile)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(sc - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            m_i = m_new
+            # p @ (scale * codes), p * scale as int8 pieces too: p * scale <= exp(m_tile - m_new) * max(scale).
+            v_lo, v_hi = _nibbles(v_codes, ASM)
+            v_top = tl.max(v_scale, axis=0)
+            if PIECES == 0:  # float16: p * scale brought near 2^14 by one power of two per step
+                v_pow = _exp2i(_pow2_exponent(v_top, 14))
+                p16 = (p * (v_scale * (1.0 / v_pow))[None, :]).to(tl.float16)
+                pv_even = tl.dot(p16, _int4_to_float16(v_lo)) * v_pow
+                pv_odd = tl.dot(p16, _int4_to_float16(v_hi)) * v_pow
+            else:
+                p_top = tl.exp(m_tile - m_safe) * v_top
+                p8 = _int8_pieces(p * v_scale[None, :] * (127.0 / tl.where(p_top > 0, p_top, 1.0))[:, None],
+                                  M, BLOCK_N, PIECES)
+                p_back = (p_top * (1.0 / 127.0))[:, None]
+                pv_even = _sum_pieces(tl.dot(p8, v_lo, out_dtype=tl.int32), M, D // 2, PIECES) * p_back
+                pv_odd = _sum_pieces(tl.dot(p8, v_hi, out_dtype=tl.int32), M, D // 2, PIECES) * p_back
+            acc_even = acc_even * alpha[:, None] + pv_even
+            acc_odd = acc_odd * alpha[:, None] + pv_odd
             off_acc = off_acc * alpha + tl.sum(p * v_off[None, :], axis=1)
         acc = tl.reshape(tl.join(acc_even, acc_odd), (M, D)) + off_acc[:, None]
         # Back to the model's frame: sum p (H v + mean) = H (sum p v) + (sum p) mean.
@@ -500,8 +545,9 @@ def _attention_kernel(
     # Full-precision window and current chunk (the last split), in the model's frame, at the model's dtype.
     if s == num_splits - 1:
         raw_ty = RK.dtype.element_ty
-        q_dot = q.to(raw_ty)
-        q_dot_lo = (q - q_dot.to(tl.float32)).to(raw_ty)
+        # RAW_PIECES == 2: the query and p as (hi, lo) pairs of raw_ty stacked along the rows, so the products
+        # are float32-accurate in one dot (and M may be 8, under tl.dot's 16 rows).
+        q_dot = _stack_rounded(q, raw_ty, RAW_PIECES)
         cols = tl.arange(0, RAW_BLOCK_N)
         raw_start = total - n_raw
         raw_stop = n_raw
@@ -513,8 +559,8 @@ def _attention_kernel(
             offs = b * sr_b + h * sr_h + j[:, None] * sr_n + d[None, :]
             k = tl.load(RK + offs, mask=j_ok[:, None], other=0.0)
             sc = tl.dot(q_dot, tl.trans(k), input_precision=DOT_PRECISION)
-            if RESIDUAL_DOTS:
-                sc = tl.dot(q_dot_lo, tl.trans(k), sc, input_precision=DOT_PRECISION)
+            if RAW_PIECES == 2:
+                sc = tl.sum(tl.reshape(sc, (2, M, RAW_BLOCK_N)), axis=0)
             sc = _scale_and_cap(sc, scaling, softcap, HAS_SOFTCAP)
             pos = raw_start + j
             ok = j_ok[None, :] & row_ok[:, None]
@@ -525,10 +571,9 @@ def _attention_kernel(
             sc = tl.where(ok, sc, float("-inf"))
             p, alpha, m_i, l_i = _online_softmax_step(sc, m_i, l_i)
             v = tl.load(RV + offs, mask=j_ok[:, None], other=0.0)
-            p_dot = p.to(raw_ty)
-            pv = tl.dot(p_dot, v, input_precision=DOT_PRECISION)
-            if RESIDUAL_DOTS:
-                pv = tl.dot((p - p_dot.to(tl.float32)).to(raw_ty), v, pv, input_precision=DOT_PRECISION)
+            pv = tl.dot(_stack_rounded(p, raw_ty, RAW_PIECES), v, input_precision=DOT_PRECISION)
+            if RAW_PIECES == 2:
+                pv = tl.sum(tl.reshape(pv, (2, M, D)), axis=0)
             acc = acc * alpha[:, None] + pv
 
     if SINGLE_SPLIT:
@@ -604,9 +649,11 @@ def _merge_splits_kernel(
 def _attention_plan(b: int, h: int, g: int, nq: int, num_paged: int, device: torch.device):
     """(BLOCK_Q, M, number of query blocks, BLOCK_N, splits, tiles per split) for one call."""
     block_q = max(1, min(triton.next_power_of_2(nq), max(1, TUNING["prefill_rows"] // triton.next_power_of_2(g))))
-    m = max(16, triton.next_power_of_2(g) * block_q)
+    m = max(8, triton.next_power_of_2(g) * block_q)  # 8 rows: stacked in pieces, dots see at least 16
     q_blocks = triton.cdiv(nq, block_q)
     block_n = TUNING["decode_block_n" if nq <= TUNING["decode_max_queries"] else "prefill_block_n"]
+    if m > 8:  # more than 16 stacked rows (int8 wgmma): 256-token steps overran shared memory on an H200 (Triton 3.6)
+        block_n = min(block_n, 128)
     n_tiles = triton.cdiv(num_paged, block_n)
     programs = b * h * q_blocks
     splits = 1
@@ -671,13 +718,20 @@ def _paged_attention(
         mask = mask.expand(b, 1, nq, total)
         mask_u8 = mask.view(torch.uint8)
     sixteen_bit = query.dtype != torch.float32
+    decode = nq <= TUNING["decode_max_queries"]
+    # int8 pieces (exact products) in decode; float16 dots in prefill, except under the CPU interpreter, whose
+    # 16-bit dots are wrong; 4 pieces (31 bits) for float32 models.
+    pieces = (TUNING["int8_pieces"] if decode else 4 if INTERPRET else 0) if sixteen_bit else 4
+    for name in ("k_codes", "v_codes", "k_meta", "v_meta") if num_paged else ():
+        if getattr(pool, name).data_ptr() % 16:
+            raise ValueError(f"the Triton attention needs 16-byte aligned pools; pool.{name} is not (allocate it with "
+                             "torch.empty, or pass a .clone())")
     if INTERPRET:  # the CPU interpreter computes 16-bit dots wrongly: there, dots run in float32
         query = query.float()
         raw_k, raw_v = (raw_k.float(), raw_v.float()) if raw_k is not None else (None, None)
         sixteen_bit = False
     rk = raw_k if raw_k is not None else query
     rv = raw_v if raw_v is not None else query
-    decode = nq <= TUNING["decode_max_queries"]
     _attention_kernel[(q_blocks, b * h, splits)](
         query, query.stride(0), query.stride(1), query.stride(2),
         pool.k_codes, pool.k_meta, pool.v_codes, pool.v_meta, block_table, block_table.stride(0),
@@ -693,11 +747,11 @@ def _paged_attention(
         G=g, BLOCK_Q=block_q, M=m, D=d, P=page_size, BLOCK_N=block_n, RAW_BLOCK_N=64,
         BLOCK=hadamard_block, LOG_BLOCK=_log2(hadamard_block), SCALE=hadamard_scale(hadamard_block) if hadamard_block else 1.0,
         ROTATE_VALUES=bool(rotate_values and hadamard_block),
-        INT4_DOT=tl.float16 if sixteen_bit else tl.float32,
+        PIECES=pieces, ASM=TUNING["nibble_asm"] and not INTERPRET, CODE_ALIGN=math.gcd(16, d // 2),
+        META_ALIGN=2 * pool.k_meta.element_size(),
         ROT_PRECISION=TUNING["rotation_precision"] if sixteen_bit else "ieee",
         DOT_PRECISION="tf32" if sixteen_bit else "ieee",
-        RESIDUAL_DOTS=sixteen_bit and decode and TUNING["decode_residual_dots"],
-        PREFETCH=TUNING["decode_prefetch" if decode else "prefill_prefetch"],
+        RAW_PIECES=2 if m < 16 or (sixteen_bit and decode and TUNING["decode_residual_dots"]) else 1,
         HAS_KMEAN=key_mean is not None, HAS_VMEAN=value_mean is not None, HAS_MASK=mask is not None,
         HAS_SOFTCAP=bool(softcap), HAS_SINKS=sinks is not None, SINGLE_SPLIT=splits == 1,
         **TUNING["decode" if decode else "prefill"],

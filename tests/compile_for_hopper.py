@@ -1,0 +1,113 @@
+"""Compile every Triton kernel launch of a set of real calls for an H100/H200 (sm_90) without a GPU.
+
+The interpreter never compiles, so compiler-only failures (shape checks of tl.dot, code after an early return,
+layouts) would first show on a GPU. This script runs the launchers on CPU tensors with every kernel replaced by
+a recorder, then compiles each recorded launch with Triton's bundled ptxas. Run by tests/test_triton_kernels.py
+in a subprocess (TRITON_INTERPRET must be unset when triton is imported); prints one line per launch.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from saw_kvcache.ops import reference, triton_kernels  # noqa: E402
+
+OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
+TYPES = {torch.uint8: "u8", torch.int32: "i32", torch.int64: "i64", torch.bfloat16: "bf16", torch.float16: "fp16",
+         torch.float32: "fp32", torch.bool: "i1"}
+launches = []
+
+
+class Recorder:
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def record(*args, **kwargs):
+            launches.append((self.kernel, args, kwargs))
+        return record
+
+
+def compile_launch(kernel, args, kwargs):
+    names = kernel.arg_names
+    signature, constexprs = {}, {}
+    for name, value in zip(names, args):
+        if isinstance(value, torch.Tensor):
+            signature[name] = "*" + TYPES[value.dtype]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i64" if abs(value) >= 2**31 else "i32"
+    for name, value in kwargs.items():
+        if name not in OPTIONS:
+            signature[name] = "constexpr"
+            constexprs[(names.index(name),)] = value
+    options = {k: v for k, v in kwargs.items() if k in OPTIONS}
+    source = ASTSource(kernel, signature, constexprs=constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def pool(pages, heads, page_size, head_dim, dtype):
+    codes = lambda: torch.zeros(pages, heads, page_size, head_dim // 2, dtype=torch.uint8)  # noqa: E731
+    meta = lambda: torch.ones(pages, heads, page_size, 2, dtype=dtype)  # noqa: E731
+    return reference.PagedKV(codes(), meta(), codes(), meta())
+
+
+def calls():
+    """(label, function) pairs covering the launch variants: decode, speculative decode, prefill, no pages yet,
+    no rotation, float32 models, masks and softcap, every write butterfly, dequantize."""
+    for dtype, d, g, nq, block, paged in ((torch.bfloat16, 128, 4, 1, 64, 4096), (torch.float16, 64, 8, 4, 64, 512),
+                                          (torch.bfloat16, 128, 4, 700, 64, 3000), (torch.bfloat16, 64, 2, 3, 0, 0),
+                                          (torch.float32, 64, 1, 1, 32, 100)):
+        h, b = 2, 2
+        kv = pool(b * triton.cdiv(paged, 64) + 1, h, 64, d, dtype) if paged else None
+        table = torch.arange(b * triton.cdiv(paged, 64), dtype=torch.int32).view(b, -1) if paged else None
+        query = torch.randn(b, h * g, nq, d).to(dtype)
+        chunk = torch.randn(b, h, nq, d).to(dtype)
+        mean = torch.zeros(h, d)
+        for masked in (False, True):
+            mask = torch.ones(b, 1, nq, paged + nq, dtype=torch.bool) if masked else None
+            yield (f"attention {dtype} d{d} g{g} nq{nq} block{block} paged{paged} mask={masked}",
+                   lambda: triton_kernels.paged_attention(query, kv, table, paged, None, None, chunk, chunk, mask,
+                                                          0.1, 5.0 if masked else None, None, mean, None, block,
+                                                          bool(block)))
+    for butterfly in ("gather", "reshape"):
+        def write(butterfly=butterfly):
+            triton_kernels.TUNING["write_butterfly"] = butterfly
+            kv = pool(3, 2, 64, 128, torch.bfloat16)
+            x = torch.randn(1, 2, 70, 128, dtype=torch.bfloat16)
+            triton_kernels.write_pages(kv, torch.arange(3, dtype=torch.int32).view(1, 3), 0, x, x, None, None, 64, True)
+        yield f"write {butterfly}", write
+    yield "dequantize", lambda: triton_kernels.dequantize_pages(
+        pool(3, 2, 64, 128, torch.bfloat16), torch.arange(3, dtype=torch.int32).view(1, 3), 150, None, None, 64, True,
+        torch.bfloat16)
+
+
+def main() -> int:
+    triton_kernels._programs_wanted = lambda device: 2 * 132  # split like on an H200, so the merge kernel runs
+    for name in ("_attention_kernel", "_merge_splits_kernel", "_write_kernel", "_dequantize_kernel"):
+        setattr(triton_kernels, name, Recorder(getattr(triton_kernels, name)))
+    failures = 0
+    for label, call in calls():
+        launches.clear()
+        call()
+        for kernel, args, kwargs in launches:
+            try:
+                compiled = compile_launch(kernel, args, kwargs)
+                print(f"ok    {label}: {kernel.__name__}, {compiled.metadata.shared} B shared memory", flush=True)
+            except Exception as error:  # report every failing launch, not only the first
+                failures += 1
+                print(f"FAIL  {label}: {kernel.__name__}: {type(error).__name__}: {error}", flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
