@@ -211,9 +211,13 @@ def sweep(kernels=SWEEPS):
     decode_total = lambda: sum(int4_decode_us(b, c) for b, c in decode_shapes)  # noqa: E731
     log = {}
     if "decode" in kernels:
+        # Jointly: capping registers (maxnreg) lets more programs share an SM, which only pays with more programs
+        # per SM. At 4 warps the kernel takes all 255 registers otherwise; at 128 the 128-token loop does not spill
+        # (SASS compiled on the CPU), so 4 programs per SM fit.
         log["decode"] = _best("decode", [
-            {"decode_block_n": n, "decode": {"num_warps": w, "num_stages": st}}
-            for n in (128, 256) for w in (4, 8) for st in (2, 3)
+            {"decode_block_n": n, "programs_per_sm": p,
+             "decode": {"num_warps": 4, "num_stages": st, **({"maxnreg": r} if r else {})}}
+            for n in (128, 256) for st in (2, 4) for r in (None, 128, 96) for p in (2, 4)
         ], decode_total)
     if "programs" in kernels:
         log["decode_programs"] = _best("decode programs/SM", [{"programs_per_sm": k} for k in (1, 2, 4)], decode_total)

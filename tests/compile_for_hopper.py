@@ -20,7 +20,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from saw_kvcache.ops import reference, triton_kernels  # noqa: E402
 
-OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
+OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion", "maxnreg")
 TYPES = {torch.uint8: "u8", torch.int32: "i32", torch.int64: "i64", torch.bfloat16: "bf16", torch.float16: "fp16",
          torch.float32: "fp32", torch.bool: "i1"}
 launches = []
@@ -79,6 +79,11 @@ def calls():
                    lambda: triton_kernels.paged_attention(query, kv, table, paged, None, None, chunk, chunk, mask,
                                                           0.1, 5.0 if masked else None, None, mean, None, block,
                                                           bool(block)))
+    ring = torch.randn(2, 2, 64, 128).to(torch.bfloat16)
+    yield "attention with a ring window", lambda: triton_kernels.paged_attention(
+        torch.randn(2, 8, 1, 128).to(torch.bfloat16), pool(9, 2, 64, 128, torch.bfloat16),
+        torch.arange(8, dtype=torch.int32).view(2, 4), 256, ring, ring, ring[:, :, :1], ring[:, :, :1], None, 0.1,
+        None, None, None, None, 64, True, window_start=5, window_length=40)
     for butterfly in ("gather", "reshape"):
         def write(butterfly=butterfly):
             triton_kernels.TUNING["write_butterfly"] = butterfly

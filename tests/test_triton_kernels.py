@@ -267,3 +267,25 @@ def test_every_kernel_launch_compiles_for_hopper():
     report = "\n".join(line for line in run.stdout.splitlines() if line.startswith(("ok", "FAIL")))
     assert run.returncode == 0 and "FAIL" not in report, report + "\n" + run.stderr[-3000:]
     assert report.count("_merge_splits_kernel") >= 2 and report.count("_attention_kernel") >= 10, report
+
+
+@pytest.mark.parametrize("start,length", [(5, 7), (12, 16), (0, 3)])
+def test_attention_reads_a_ring_window_like_the_ordered_window(start, length):
+    """Caches pass their window as a ring buffer (slot = position % R); reading it in place must give exactly what
+    the same tokens give in position order, in the kernel and in the twin."""
+    ring, heads, head_dim, dtype = 16, 2, 64, torch.bfloat16
+    pool = make_pool(5, heads, head_dim, dtype)
+    table = shuffled_block_table(1, 2, 5)
+    keys = random_states(1, heads, 20, head_dim, dtype)
+    reference.write_pages(pool, table, 0, keys, keys, None, None, 64, True)
+    ring_k = random_states(1, heads, ring, head_dim, dtype)
+    ring_v = random_states(1, heads, ring, head_dim, dtype)
+    slots = (start + torch.arange(length, device=DEVICE)) % ring
+    chunk = random_states(1, heads, 2, head_dim, dtype)
+    query = random_states(1, heads * 4, 2, head_dim, dtype, outliers=False)
+    common = (None, 0.125, None, None, None, None, 64, True)
+    for impl in (triton_kernels.paged_attention, reference.paged_attention):
+        in_place = impl(query, pool, table, 20, ring_k, ring_v, chunk, chunk, *common, window_start=start,
+                        window_length=length)
+        ordered = impl(query, pool, table, 20, ring_k[:, :, slots], ring_v[:, :, slots], chunk, chunk, *common)
+        assert torch.equal(in_place, ordered), impl.__module__

@@ -389,14 +389,18 @@ class PagedKVStore:
         """Attention of query [B, Hq, nq, D] over the tokens cached before position `past_length` plus the
         full-precision current chunk (positions [past_length, past_length + n)). Returns [B, nq, Hq, D]."""
         pages_end = min(self.num_paged, past_length)
-        window = self._window(pages_end, past_length) or (None, None)
+        r = self.config.residual_length
+        in_window = past_length - pages_end
         total = past_length + chunk_key.shape[2]
         if mask is not None and mask.shape[-1] > total:  # static mode: masks span max_cache_len positions
             mask = mask[..., :total]
+        # The window goes as its ring buffer (slot = position % r), read in place: no reordered copy per step.
         return self.backend.paged_attention(
-            query, self.pool, self.block_table, pages_end, window[0], window[1], chunk_key, chunk_value, mask,
-            scaling, softcap, sinks, self.key_mean, self.value_mean, self.config.hadamard_block,
-            self.config.rotate_values,
+            query, self.pool, self.block_table, pages_end,
+            self.window_key if in_window else None, self.window_value if in_window else None,
+            chunk_key, chunk_value, mask, scaling, softcap, sinks, self.key_mean, self.value_mean,
+            self.config.hadamard_block, self.config.rotate_values,
+            window_start=pages_end % r if r else 0, window_length=in_window,
         )
 
     def dequantize(self, stop: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -284,15 +284,24 @@ def paged_attention(
     value_mean: Optional[torch.Tensor] = None,
     hadamard_block: int = 0,
     rotate_values: bool = False,
+    window_start: int = 0,
+    window_length: Optional[int] = None,
 ) -> torch.Tensor:
     """Attention of query [B, Hq, nq, D] over, in position order: the INT4 pages (positions [0, num_paged)), the
-    full-precision window [B, H, w, D] and the current chunk [B, H, n, D]. Returns [B, nq, Hq, D] in query.dtype.
+    full-precision window and the current chunk [B, H, n, D]. Returns [B, nq, Hq, D] in query.dtype.
+
+    The window [B, H, R, D] may be a ring buffer: its tokens, in position order, are slots (window_start + i) % R
+    for i < window_length (default: all R slots from slot 0), so a cache passes its ring as it is.
 
     The queries sit at the last nq positions. mask is None (causal) or covers all num_paged + w + n positions.
     Pages are read ATTENTION_CHUNK_TOKENS at a time with an online softmax, so no full-precision copy of the cache
     is ever built. Scores use q·k = rot(q)·rot(k - mean) + q·mean, exactly the model's q·k up to quantization.
     """
     b, hq, nq, d = query.shape
+    if window_key is not None and (window_start or window_length not in (None, window_key.shape[2])):
+        ring = window_key.shape[2]
+        slots = (window_start + torch.arange(window_length, device=window_key.device)) % ring
+        window_key, window_value = window_key[:, :, slots], window_value[:, :, slots]
     parts = [(window_key, window_value), (chunk_key, chunk_value)]
     h = next((k.shape[1] for k, _ in parts if k is not None), None) or pool.k_codes.shape[1]
     g = hq // h

@@ -50,6 +50,11 @@ TUNING = {
 }
 
 
+# float32 models: two pipeline stages, or the float32 window tiles take ~216 KB of shared memory (no GPU before
+# Hopper has that much).
+FLOAT32_LAUNCH = {"num_warps": 4, "num_stages": 2}
+
+
 def _log2(block: int) -> int:
     return int(math.log2(block)) if block else 0
 
@@ -100,12 +105,6 @@ def _round_to(x, ty: tl.constexpr):
         return x.to(ty)
 
 
-@triton.jit
-def _small_ints_to(codes, ty: tl.constexpr):
-    """INT4 codes -> exact floats of type ty (through float32: the CPU interpreter converts u8 -> bf16 wrongly)."""
-    return codes.to(tl.float32).to(ty)
-
-
 # ------------------------------------------------------------------------------------------------------------------
 # write
 # ------------------------------------------------------------------------------------------------------------------
@@ -113,6 +112,24 @@ def _small_ints_to(codes, ty: tl.constexpr):
 
 @triton.jit
 def _write_kernel(
+    XK, s_kb, s_kh, s_kn, KMEAN, KC, KM,
+    XV, s_vb, s_vh, s_vn, VMEAN, VC, VM,
+    BT, stride_btb, start, n, H,
+    HAS_KMEAN: tl.constexpr, HAS_VMEAN: tl.constexpr, D: tl.constexpr, P: tl.constexpr, T: tl.constexpr,
+    LOG_BLOCK_K: tl.constexpr, SCALE_K: tl.constexpr, LOG_BLOCK_V: tl.constexpr, SCALE_V: tl.constexpr,
+    GATHER: tl.constexpr,
+):
+    """Keys (program_id(2) == 0) and values (== 1) in one launch: one launch fewer per layer and step."""
+    if tl.program_id(2) == 0:
+        _write_tile(XK, s_kb, s_kh, s_kn, KMEAN, KC, KM, BT, stride_btb, start, n, H,
+                    HAS_KMEAN, D, P, T, LOG_BLOCK_K, SCALE_K, GATHER)
+    else:
+        _write_tile(XV, s_vb, s_vh, s_vn, VMEAN, VC, VM, BT, stride_btb, start, n, H,
+                    HAS_VMEAN, D, P, T, LOG_BLOCK_V, SCALE_V, GATHER)
+
+
+@triton.jit
+def _write_tile(
     X, stride_xb, stride_xh, stride_xn,
     MEAN, CODES, META, BT, stride_btb,
     start, n, H,
@@ -187,21 +204,20 @@ def _write_pages(
         return
     page_size = pool.k_codes.shape[2]
     tokens = TUNING["write_tokens"]
-    grid = (triton.cdiv(n, tokens), b * h)
-    for x, mean, codes, meta, block in (
-        (key, key_mean, pool.k_codes, pool.k_meta, hadamard_block),
-        (value, value_mean, pool.v_codes, pool.v_meta, hadamard_block if rotate_values else 0),
-    ):
-        if x.stride(-1) != 1:
-            x = x.contiguous()
-        _write_kernel[grid](
-            x, x.stride(0), x.stride(1), x.stride(2),
-            mean if mean is not None else codes, codes, meta, block_table, block_table.stride(0),
-            start, n, h,
-            HAS_MEAN=mean is not None, D=d, P=page_size, T=tokens,
-            LOG_BLOCK=_log2(block), SCALE=hadamard_scale(block) if block else 1.0,
-            GATHER=TUNING["write_butterfly"] == "gather", enable_fp_fusion=False, **TUNING["write"],
-        )
+    key = key if key.stride(-1) == 1 else key.contiguous()
+    value = value if value.stride(-1) == 1 else value.contiguous()
+    v_block = hadamard_block if rotate_values else 0
+    _write_kernel[(triton.cdiv(n, tokens), b * h, 2)](
+        key, key.stride(0), key.stride(1), key.stride(2),
+        key_mean if key_mean is not None else pool.k_meta, pool.k_codes, pool.k_meta,
+        value, value.stride(0), value.stride(1), value.stride(2),
+        value_mean if value_mean is not None else pool.v_meta, pool.v_codes, pool.v_meta,
+        block_table, block_table.stride(0), start, n, h,
+        HAS_KMEAN=key_mean is not None, HAS_VMEAN=value_mean is not None, D=d, P=page_size, T=tokens,
+        LOG_BLOCK_K=_log2(hadamard_block), SCALE_K=hadamard_scale(hadamard_block) if hadamard_block else 1.0,
+        LOG_BLOCK_V=_log2(v_block), SCALE_V=hadamard_scale(v_block) if v_block else 1.0,
+        GATHER=TUNING["write_butterfly"] == "gather", enable_fp_fusion=False, **TUNING["write"],
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -426,7 +442,8 @@ def _attention_kernel(
     Q, sq_b, sq_h, sq_n,
     KC, KM, VC, VM, BT, s_bt,
     KMEAN, VMEAN,
-    RK, RV, sr_b, sr_h, sr_n,
+    WK, WV, sw_b, sw_h, sw_n, win_start, ring, n_win,
+    CK, CV, sc_b, sc_h, sc_n,
     MASK, sm_b, sm_q,
     SINKS,
     OUT, so_b, so_n, so_h,
@@ -544,7 +561,7 @@ def _attention_kernel(
 
     # Full-precision window and current chunk (the last split), in the model's frame, at the model's dtype.
     if s == num_splits - 1:
-        raw_ty = RK.dtype.element_ty
+        raw_ty = WK.dtype.element_ty
         # RAW_PIECES == 2: the query and p as (hi, lo) pairs of raw_ty stacked along the rows, so the products
         # are float32-accurate in one dot (and M may be 8, under tl.dot's 16 rows).
         q_dot = _stack_rounded(q, raw_ty, RAW_PIECES)
@@ -556,8 +573,12 @@ def _attention_kernel(
         for n0 in range(0, raw_stop, RAW_BLOCK_N):
             j = n0 + cols
             j_ok = j < n_raw
-            offs = b * sr_b + h * sr_h + j[:, None] * sr_n + d[None, :]
-            k = tl.load(RK + offs, mask=j_ok[:, None], other=0.0)
+            # Window tokens from their ring slots, then the chunk's; each load reads only its own rows.
+            in_win = (j < n_win)[:, None]
+            in_chunk = (j >= n_win)[:, None] & j_ok[:, None]
+            w_offs = b * sw_b + h * sw_h + ((win_start + j) % ring)[:, None] * sw_n + d[None, :]
+            c_offs = b * sc_b + h * sc_h + (j - n_win)[:, None] * sc_n + d[None, :]
+            k = tl.load(WK + w_offs, mask=in_win, other=0.0) + tl.load(CK + c_offs, mask=in_chunk, other=0.0)
             sc = tl.dot(q_dot, tl.trans(k), input_precision=DOT_PRECISION)
             if RAW_PIECES == 2:
                 sc = tl.sum(tl.reshape(sc, (2, M, RAW_BLOCK_N)), axis=0)
@@ -570,7 +591,7 @@ def _attention_kernel(
                 ok = ok & (pos[None, :] <= q_pos[:, None])
             sc = tl.where(ok, sc, float("-inf"))
             p, alpha, m_i, l_i = _online_softmax_step(sc, m_i, l_i)
-            v = tl.load(RV + offs, mask=j_ok[:, None], other=0.0)
+            v = tl.load(WV + w_offs, mask=in_win, other=0.0) + tl.load(CV + c_offs, mask=in_chunk, other=0.0)
             pv = tl.dot(_stack_rounded(p, raw_ty, RAW_PIECES), v, input_precision=DOT_PRECISION)
             if RAW_PIECES == 2:
                 pv = tl.sum(tl.reshape(pv, (2, M, D)), axis=0)
@@ -646,19 +667,20 @@ def _merge_splits_kernel(
         tl.store(ptr, _round_to(out, OUT.dtype.element_ty))
 
 
-def _attention_plan(b: int, h: int, g: int, nq: int, num_paged: int, device: torch.device):
+def _attention_plan(b: int, h: int, g: int, nq: int, num_paged: int, pieces: int, device: torch.device):
     """(BLOCK_Q, M, number of query blocks, BLOCK_N, splits, tiles per split) for one call."""
     block_q = max(1, min(triton.next_power_of_2(nq), max(1, TUNING["prefill_rows"] // triton.next_power_of_2(g))))
     m = max(8, triton.next_power_of_2(g) * block_q)  # 8 rows: stacked in pieces, dots see at least 16
     q_blocks = triton.cdiv(nq, block_q)
     block_n = TUNING["decode_block_n" if nq <= TUNING["decode_max_queries"] else "prefill_block_n"]
-    if m > 8:  # more than 16 stacked rows (int8 wgmma): 256-token steps overran shared memory on an H200 (Triton 3.6)
+    if m * max(pieces, 1) > 16:  # more than 16 stacked rows: 256-token steps overran shared memory on an H200
         block_n = min(block_n, 128)
     n_tiles = triton.cdiv(num_paged, block_n)
     programs = b * h * q_blocks
     splits = 1
     if n_tiles > 1:
-        splits = min(n_tiles, max(1, triton.cdiv(_programs_wanted(device), programs)))
+        # Rounded down: rounding up launched a partial second wave (8 x 8k on an H200: 320 programs for 264 slots).
+        splits = min(n_tiles, max(1, _programs_wanted(device) // programs))
     tiles_per_split = triton.cdiv(n_tiles, splits) if n_tiles else 1
     splits = triton.cdiv(n_tiles, tiles_per_split) if n_tiles else 1
     return block_q, m, q_blocks, block_n, splits, tiles_per_split
@@ -681,24 +703,33 @@ def _paged_attention(
     value_mean: Optional[torch.Tensor] = None,
     hadamard_block: int = 0,
     rotate_values: bool = False,
+    window_start: int = 0,
+    window_length: Optional[int] = None,
 ) -> torch.Tensor:
-    """Same contract as reference.paged_attention (boolean or no mask)."""
+    """Same contract as reference.paged_attention (boolean or no mask). The window's ring buffer and the chunk
+    are read where they are (no concatenated copy)."""
     b, hq, nq, d = query.shape
-    raw = [(k, v) for k, v in ((window_key, window_value), (chunk_key, chunk_value)) if k is not None and k.shape[2]]
-    if len(raw) == 2:
-        raw_k, raw_v = torch.cat([raw[0][0], raw[1][0]], 2), torch.cat([raw[0][1], raw[1][1]], 2)
-    elif raw:
-        raw_k, raw_v = raw[0]
-    else:
-        raw_k = raw_v = None
-    if raw_k is not None and (raw_k.stride(-1) != 1 or raw_k.stride() != raw_v.stride()):
-        raw_k, raw_v = raw_k.contiguous(), raw_v.contiguous()
-    h = raw_k.shape[1] if raw_k is not None else pool.k_codes.shape[1]
-    n_raw = raw_k.shape[2] if raw_k is not None else 0
+    raw = []
+    for k, v in ((window_key, window_value), (chunk_key, chunk_value)):
+        if k is not None and (k.stride(-1) != 1 or k.stride() != v.stride()):
+            k, v = k.contiguous(), v.contiguous()
+        raw.append((k, v))
+    (wk, wv), (ck, cv) = raw
+    ring = wk.shape[2] if wk is not None else 1
+    n_win = 0 if wk is None else ring if window_length is None else window_length
+    n_chunk = ck.shape[2] if ck is not None else 0
+    h = next((k.shape[1] for k in (wk, ck) if k is not None), None) or pool.k_codes.shape[1]
+    n_raw = n_win + n_chunk
     g = hq // h
     total = num_paged + n_raw
     page_size = pool.k_codes.shape[2] if pool is not None else 16
-    block_q, m, q_blocks, block_n, splits, tiles_per_split = _attention_plan(b, h, g, nq, num_paged, query.device)
+    sixteen_bit = query.dtype != torch.float32
+    decode = nq <= TUNING["decode_max_queries"]
+    # int8 pieces (exact products) in decode; float16 dots in prefill, except under the CPU interpreter, whose
+    # 16-bit dots are wrong; 4 pieces (31 bits) for float32 models.
+    pieces = (TUNING["int8_pieces"] if decode else 4 if INTERPRET else 0) if sixteen_bit else 4
+    block_q, m, q_blocks, block_n, splits, tiles_per_split = _attention_plan(b, h, g, nq, num_paged, pieces,
+                                                                             query.device)
     if query.stride(-1) != 1:
         query = query.contiguous()
     out = torch.empty(b, nq, hq, d, dtype=query.dtype, device=query.device)
@@ -717,26 +748,21 @@ def _paged_attention(
             raise ValueError("the Triton attention takes boolean masks (transformers' sdpa masks); got " + str(mask.dtype))
         mask = mask.expand(b, 1, nq, total)
         mask_u8 = mask.view(torch.uint8)
-    sixteen_bit = query.dtype != torch.float32
-    decode = nq <= TUNING["decode_max_queries"]
-    # int8 pieces (exact products) in decode; float16 dots in prefill, except under the CPU interpreter, whose
-    # 16-bit dots are wrong; 4 pieces (31 bits) for float32 models.
-    pieces = (TUNING["int8_pieces"] if decode else 4 if INTERPRET else 0) if sixteen_bit else 4
     for name in ("k_codes", "v_codes", "k_meta", "v_meta") if num_paged else ():
         if getattr(pool, name).data_ptr() % 16:
             raise ValueError(f"the Triton attention needs 16-byte aligned pools; pool.{name} is not (allocate it with "
                              "torch.empty, or pass a .clone())")
     if INTERPRET:  # the CPU interpreter computes 16-bit dots wrongly: there, dots run in float32
         query = query.float()
-        raw_k, raw_v = (raw_k.float(), raw_v.float()) if raw_k is not None else (None, None)
+        wk, wv, ck, cv = (None if t is None else t.float() for t in (wk, wv, ck, cv))
         sixteen_bit = False
-    rk = raw_k if raw_k is not None else query
-    rv = raw_v if raw_v is not None else query
+    wk, wv, ck, cv = (query if t is None else t for t in (wk, wv, ck, cv))
     _attention_kernel[(q_blocks, b * h, splits)](
         query, query.stride(0), query.stride(1), query.stride(2),
         pool.k_codes, pool.k_meta, pool.v_codes, pool.v_meta, block_table, block_table.stride(0),
         key_mean if key_mean is not None else query, value_mean if value_mean is not None else query,
-        rk, rv, rk.stride(0), rk.stride(1), rk.stride(2),
+        wk, wv, wk.stride(0), wk.stride(1), wk.stride(2), window_start, ring, n_win,
+        ck, cv, ck.stride(0), ck.stride(1), ck.stride(2),
         mask_u8 if mask is not None else query, mask.stride(0) if mask is not None else 0,
         mask.stride(2) if mask is not None else 0,
         sinks if sinks is not None else query,
@@ -754,7 +780,7 @@ def _paged_attention(
         RAW_PIECES=2 if m < 16 or (sixteen_bit and decode and TUNING["decode_residual_dots"]) else 1,
         HAS_KMEAN=key_mean is not None, HAS_VMEAN=value_mean is not None, HAS_MASK=mask is not None,
         HAS_SOFTCAP=bool(softcap), HAS_SINKS=sinks is not None, SINGLE_SPLIT=splits == 1,
-        **TUNING["decode" if decode else "prefill"],
+        **(TUNING["decode" if decode else "prefill"] if sixteen_bit else FLOAT32_LAUNCH),
     )
     if splits > 1:
         _merge_splits_kernel[(q_blocks, b * h, m)](
