@@ -56,6 +56,7 @@ def hadamard_matrix(block: int, device: torch.device | str = "cpu") -> torch.Ten
     return _hadamard_cpu(block).to(device)
 
 
+@functools.lru_cache(maxsize=None)
 def hadamard_scale(block: int) -> float:
     """1/sqrt(block) rounded to float32: the normalization every implementation multiplies by last."""
     return torch.tensor(1.0 / math.sqrt(block), dtype=torch.float32).item()

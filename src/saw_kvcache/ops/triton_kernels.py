@@ -55,6 +55,16 @@ TUNING = {
 FLOAT32_LAUNCH = {"num_warps": 4, "num_stages": 2}
 
 
+# Host-side helpers in plain Python: triton.cdiv and triton.next_power_of_2 are jit functions, ~8 us per call
+# from Python, and the launchers call them several times per layer and step.
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def _log2(block: int) -> int:
     return int(math.log2(block)) if block else 0
 
@@ -207,7 +217,7 @@ def _write_pages(
     key = key if key.stride(-1) == 1 else key.contiguous()
     value = value if value.stride(-1) == 1 else value.contiguous()
     v_block = hadamard_block if rotate_values else 0
-    _write_kernel[(triton.cdiv(n, tokens), b * h, 2)](
+    _write_kernel[(_cdiv(n, tokens), b * h, 2)](
         key, key.stride(0), key.stride(1), key.stride(2),
         key_mean if key_mean is not None else pool.k_meta, pool.k_codes, pool.k_meta,
         value, value.stride(0), value.stride(1), value.stride(2),
@@ -274,7 +284,7 @@ def _dequantize_pages(
     ):
         out = torch.empty(b, h, num_tokens, d, dtype=dtype, device=codes.device)
         if num_tokens:
-            _dequantize_kernel[(triton.cdiv(num_tokens, page_size), b * h)](
+            _dequantize_kernel[(_cdiv(num_tokens, page_size), b * h)](
                 codes, meta, block_table, block_table.stride(0), mean if mean is not None else meta,
                 out, out.stride(0), out.stride(1), out.stride(2), num_tokens, h,
                 HAS_MEAN=mean is not None, D=d, P=page_size,
@@ -669,20 +679,20 @@ def _merge_splits_kernel(
 
 def _attention_plan(b: int, h: int, g: int, nq: int, num_paged: int, pieces: int, device: torch.device):
     """(BLOCK_Q, M, number of query blocks, BLOCK_N, splits, tiles per split) for one call."""
-    block_q = max(1, min(triton.next_power_of_2(nq), max(1, TUNING["prefill_rows"] // triton.next_power_of_2(g))))
-    m = max(8, triton.next_power_of_2(g) * block_q)  # 8 rows: stacked in pieces, dots see at least 16
-    q_blocks = triton.cdiv(nq, block_q)
+    block_q = max(1, min(_next_pow2(nq), max(1, TUNING["prefill_rows"] // _next_pow2(g))))
+    m = max(8, _next_pow2(g) * block_q)  # 8 rows: stacked in pieces, dots see at least 16
+    q_blocks = _cdiv(nq, block_q)
     block_n = TUNING["decode_block_n" if nq <= TUNING["decode_max_queries"] else "prefill_block_n"]
     if m * max(pieces, 1) > 16:  # more than 16 stacked rows: 256-token steps overran shared memory on an H200
         block_n = min(block_n, 128)
-    n_tiles = triton.cdiv(num_paged, block_n)
+    n_tiles = _cdiv(num_paged, block_n)
     programs = b * h * q_blocks
     splits = 1
     if n_tiles > 1:
         # Rounded down: rounding up launched a partial second wave (8 x 8k on an H200: 320 programs for 264 slots).
         splits = min(n_tiles, max(1, _programs_wanted(device) // programs))
-    tiles_per_split = triton.cdiv(n_tiles, splits) if n_tiles else 1
-    splits = triton.cdiv(n_tiles, tiles_per_split) if n_tiles else 1
+    tiles_per_split = _cdiv(n_tiles, splits) if n_tiles else 1
+    splits = _cdiv(n_tiles, tiles_per_split) if n_tiles else 1
     return block_q, m, q_blocks, block_n, splits, tiles_per_split
 
 
@@ -788,7 +798,7 @@ def _paged_attention(
             out, out.stride(0), out.stride(1), out.stride(2),
             nq, h, splits, q_blocks,
             G=g, BLOCK_Q=block_q, M=m, D=d, HAS_SINKS=sinks is not None,
-            SPLIT_BLOCK=min(32, triton.next_power_of_2(splits)),
+            SPLIT_BLOCK=min(32, _next_pow2(splits)),
         )
     return out
 
