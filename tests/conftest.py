@@ -57,3 +57,12 @@ def smollm2():
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, attn_implementation="saw_int4")
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
     return model.eval(), tokenizer
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls are 10-50x slower with two OpenMP threads on a busy 2-core machine than with one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

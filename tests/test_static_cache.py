@@ -24,12 +24,7 @@ from tiny_models import tiny_model
 PAGE = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(residual_length=0, block=16, center_keys="auto"):

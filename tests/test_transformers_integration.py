@@ -33,13 +33,7 @@ KW = cache_kwarg_name()  # "cache" on transformers >= 5.24, "past_key_values" be
 GREEDY = dict(do_sample=False, pad_token_id=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls are 10-50x slower with two OpenMP threads on a busy 2-core machine than with one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cache_arg(cache) -> dict:

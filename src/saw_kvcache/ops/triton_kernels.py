@@ -320,9 +320,7 @@ def _rotate_by_dot(x, ROWS: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, 
     # One chain of static branches with one return: the GPU compiler also builds the code after an early return.
     if BLOCK == 0:
         y = x
-    elif BLOCK < 16:  # below tl.dot's smallest tile
-        y = _fwht(x, ROWS, D, LOG_BLOCK, SCALE)
-    elif ROWS * (D // BLOCK) < 16:
+    elif BLOCK < 16 or ROWS * (D // BLOCK) < 16:  # below tl.dot's smallest tile
         y = _fwht(x, ROWS, D, LOG_BLOCK, SCALE)
     elif D == BLOCK:
         y = tl.dot(x, _sylvester(BLOCK), input_precision=PRECISION) * SCALE
@@ -364,19 +362,24 @@ def _int4_to_float16(nibbles):
 
 
 @triton.jit
+def _stack_rows(top, bottom):
+    """[R, C] and [R, C] -> [2R, C]: top's rows, then bottom's."""
+    return tl.reshape(tl.permute(tl.join(top, bottom), (2, 0, 1)), (2 * top.shape[0], top.shape[1]))
+
+
+@triton.jit
 def _int8_pieces(x, ROWS: tl.constexpr, COLS: tl.constexpr, PIECES: tl.constexpr):
     """x [ROWS, COLS] with |x| <= 127 as PIECES int8 tiles stacked along the rows, [PIECES * ROWS, COLS]:
     x = x_0 + x_1 / 254 + x_2 / 254^2 + ..., each x_i in [-127, 127], error at most 0.5 / 254^(PIECES-1)."""
     x0 = tl.floor(x + 0.5)
     r = (x - x0) * 254.0
     x1 = tl.floor(r + 0.5)
-    out = tl.reshape(tl.permute(tl.join(x0.to(tl.int8), x1.to(tl.int8)), (2, 0, 1)), (2 * ROWS, COLS))
+    out = _stack_rows(x0.to(tl.int8), x1.to(tl.int8))
     if PIECES == 4:
         r = (r - x1) * 254.0
         x2 = tl.floor(r + 0.5)
         x3 = tl.floor((r - x2) * 254.0 + 0.5)
-        low = tl.reshape(tl.permute(tl.join(x2.to(tl.int8), x3.to(tl.int8)), (2, 0, 1)), (2 * ROWS, COLS))
-        out = tl.reshape(tl.permute(tl.join(out, low), (2, 0, 1)), (4 * ROWS, COLS))
+        out = _stack_rows(out, _stack_rows(x2.to(tl.int8), x3.to(tl.int8)))
     return out
 
 
@@ -395,18 +398,20 @@ def _stack_rounded(x, ty: tl.constexpr, PIECES: tl.constexpr):
     out = x.to(ty)
     if PIECES == 2:
         lo = (x - out.to(tl.float32)).to(ty)
-        out = tl.reshape(tl.permute(tl.join(out, lo), (2, 0, 1)), (2 * x.shape[0], x.shape[1]))
+        out = _stack_rows(out, lo)
     return out
 
 
 @triton.jit
 def _online_softmax_step(scores, m_i, l_i):
-    """Returns (p, alpha, m_new, l_new) for scores [M, N] with -inf for masked entries."""
-    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    """Returns (p, alpha, m_new, l_new, p_max) for scores [M, N] with -inf for masked entries; p_max is each row's
+    largest p (exp of the step's max minus the running max)."""
+    m_step = tl.max(scores, axis=1)
+    m_new = tl.maximum(m_i, m_step)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp(m_i - m_safe)
     p = tl.exp(scores - m_safe[:, None])
-    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1), tl.exp(m_step - m_safe)
 
 
 @triton.jit
@@ -537,14 +542,8 @@ def _attention_kernel(
             if HAS_MASK:
                 ok = ok & (tl.load(MASK + b * sm_b + qi[:, None] * sm_q + pos[None, :], mask=ok, other=0) != 0)
             sc = tl.where(ok, sc, float("-inf"))
-            m_tile = tl.max(sc, axis=1)
-            m_new = tl.maximum(m_i, m_tile)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(sc - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            m_i = m_new
-            # p @ (scale * codes), p * scale as int8 pieces too: p * scale <= exp(m_tile - m_new) * max(scale).
+            p, alpha, m_i, l_i, p_max = _online_softmax_step(sc, m_i, l_i)
+            # p @ (scale * codes), p * scale as int8 pieces too: p * scale <= p_max * max(scale).
             v_lo, v_hi = _nibbles(v_codes, ASM)
             v_top = tl.max(v_scale, axis=0)
             if PIECES == 0:  # float16: p * scale brought near 2^14 by one power of two per step
@@ -553,7 +552,7 @@ def _attention_kernel(
                 pv_even = tl.dot(p16, _int4_to_float16(v_lo)) * v_pow
                 pv_odd = tl.dot(p16, _int4_to_float16(v_hi)) * v_pow
             else:
-                p_top = tl.exp(m_tile - m_safe) * v_top
+                p_top = p_max * v_top
                 p8 = _int8_pieces(p * v_scale[None, :] * (127.0 / tl.where(p_top > 0, p_top, 1.0))[:, None],
                                   M, BLOCK_N, PIECES)
                 p_back = (p_top * (1.0 / 127.0))[:, None]
@@ -600,7 +599,7 @@ def _attention_kernel(
             else:
                 ok = ok & (pos[None, :] <= q_pos[:, None])
             sc = tl.where(ok, sc, float("-inf"))
-            p, alpha, m_i, l_i = _online_softmax_step(sc, m_i, l_i)
+            p, alpha, m_i, l_i, _ = _online_softmax_step(sc, m_i, l_i)
             v = tl.load(WV + w_offs, mask=in_win, other=0.0) + tl.load(CV + c_offs, mask=in_chunk, other=0.0)
             pv = tl.dot(_stack_rounded(p, raw_ty, RAW_PIECES), v, input_precision=DOT_PRECISION)
             if RAW_PIECES == 2:
