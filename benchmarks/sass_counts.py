@@ -1,0 +1,89 @@
+"""Instructions in the decode attention kernel's loops, read from its SASS for sm_90, on the CPU (no GPU).
+
+    python benchmarks/sass_counts.py [--block-n 256] [--maxnreg N]
+
+Records the launch of one decode call (bfloat16, 32 query heads, 8 KV heads, head dim 128, 4,096 paged tokens,
+hadamard_block 64) through the real launcher, compiles it for sm_90 with Triton's bundled ptxas
+(tests/compile_for_hopper.py), disassembles it with the bundled nvdisasm, and prints, per loop of the kernel, the
+instructions per warp per iteration and the most frequent opcodes, plus registers and stack. A loop is the range
+from a label to a backward branch to it; the first one is the INT4 page loop. Integer arguments are compiled
+without the divisibility-by-16 specialization a real launch gets, so the window loop's loads show up narrower
+than on a GPU; the page loop's do not depend on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+import compile_for_hopper as hopper  # noqa: E402  (pops TRITON_INTERPRET before triton is imported)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+from saw_kvcache.ops import triton_kernels  # noqa: E402
+
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def loops(cubin: str):
+    text = subprocess.run([os.path.join(BIN, "nvdisasm"), "-c", cubin], capture_output=True, text=True, check=True).stdout
+    labels, instrs = {}, []
+    for line in text.splitlines():
+        if m := re.match(r"^\s*\.(L_x_\d+):", line):
+            labels[m.group(1)] = len(instrs)
+        elif m := re.match(r"^\s*/\*[0-9a-f]{4,}\*/\s+(.*?);", line):
+            instrs.append(m.group(1))
+    found = []
+    for i, ins in enumerate(instrs):
+        m = re.search(r"BRA\s+(?:`\()?\.?(L_x_\d+)", ins)
+        if m and m.group(1) in labels and labels[m.group(1)] < i:
+            body = instrs[labels[m.group(1)] : i + 1]
+            ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for t in body)
+            found.append((len(body), ops))
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--block-n", type=int, default=None, help="TUNING['decode_block_n'] (default: as tuned)")
+    parser.add_argument("--maxnreg", type=int, default=None, help="register cap per thread")
+    args = parser.parse_args()
+    if args.block_n:
+        triton_kernels.TUNING["decode_block_n"] = args.block_n
+    if args.maxnreg:
+        triton_kernels.TUNING["decode"] = {**triton_kernels.TUNING["decode"], "maxnreg": args.maxnreg}
+    triton_kernels._programs_wanted = lambda device: 2 * 132
+    triton_kernels._attention_kernel = hopper.Recorder(triton_kernels._attention_kernel)
+    triton_kernels._merge_splits_kernel = hopper.Recorder(triton_kernels._merge_splits_kernel)
+    h, g, d = 8, 4, 128
+    pool = hopper.pool(64 + 1, h, 64, d, torch.bfloat16)
+    table = torch.arange(64, dtype=torch.int32).view(1, 64)
+    token = torch.randn(1, h, 1, d).to(torch.bfloat16)
+    triton_kernels.paged_attention(torch.randn(1, h * g, 1, d).to(torch.bfloat16), pool, table, 4096, None, None,
+                                   token, token, None, 0.1, None, None, None, None, 64, True)
+    kernel, launch_args, kwargs = next(l for l in hopper.launches if l[0].__name__ == "_attention_kernel")
+    compiled = hopper.compile_launch(kernel, launch_args, kwargs)
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "k.cubin")
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        usage = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", cubin], capture_output=True, text=True).stdout
+        found = loops(cubin)
+    regs, stack = re.search(r"REG:(\d+)", usage).group(1), re.search(r"STACK:(\d+)", usage).group(1)
+    print(f"decode kernel, BLOCK_N {kwargs['BLOCK_N']}: {regs} registers, {stack} bytes of stack, "
+          f"{compiled.metadata.shared} bytes of shared memory")
+    for i, (size, ops) in enumerate(found):
+        if size > 1:
+            print(f"loop {i}: {size} instructions per warp per iteration; " +
+                  ", ".join(f"{k} {v}" for k, v in ops.most_common(12)))
+
+
+if __name__ == "__main__":
+    main()
