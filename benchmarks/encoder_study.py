@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--text", default="/usr/share/common-licenses/GPL-3")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--encoders", default="min-max,lsq,clip,clip+lsq", help="comma-separated subset")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(*smollm2_location())
@@ -65,8 +66,9 @@ def main() -> None:
     set_attention(model, reference=False)
     rows = {"naive INT4": dict(hadamard_block=0, rotate_values=False, center_keys=False, residual_length=0),
             "rot64, window 0": dict(hadamard_block=64, center_keys=False, residual_length=0)}
-    encoders = {"min-max (the cache's)": reference.quantize_int4, "lsq": mse_encoder((1.0,), True),
+    encoders = {"min-max": reference.quantize_int4, "lsq": mse_encoder((1.0,), True),
                 "clip": mse_encoder(CLIP_RATIOS, False), "clip+lsq": mse_encoder(CLIP_RATIOS, True)}
+    encoders = {name: encoders[name] for name in args.encoders.split(",")}
     minmax = reference.quantize_int4
     print("| encoder | configuration | ppl | KL | top-1 |\n|---|---|---:|---:|---:|")
     try:

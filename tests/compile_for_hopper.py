@@ -24,6 +24,7 @@ OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion", "maxnreg")
 TYPES = {torch.uint8: "u8", torch.int32: "i32", torch.int64: "i64", torch.bfloat16: "bf16", torch.float16: "fp16",
          torch.float32: "fp32", torch.bool: "i1"}
 launches = []
+HOPPER_SHARED_MEMORY = 232448  # per block, opt-in (227 KiB) on the H100 and H200
 
 
 class Recorder:
@@ -63,10 +64,11 @@ def pool(pages, heads, page_size, head_dim, dtype):
 
 def calls():
     """(label, function) pairs covering the launch variants: decode, speculative decode, prefill, no pages yet,
-    no rotation, float32 models, masks and softcap, every write butterfly, dequantize."""
+    no rotation, float32 models, masks and softcap, lengths on the device, every write butterfly, dequantize."""
     for dtype, d, g, nq, block, paged in ((torch.bfloat16, 128, 4, 1, 64, 4096), (torch.float16, 64, 8, 4, 64, 512),
                                           (torch.bfloat16, 128, 4, 700, 64, 3000), (torch.bfloat16, 64, 2, 3, 0, 0),
-                                          (torch.float32, 64, 1, 1, 32, 100)):
+                                          (torch.float32, 64, 1, 1, 32, 100), (torch.bfloat16, 256, 4, 1, 64, 1024),
+                                          (torch.float16, 256, 4, 2, 64, 2000), (torch.bfloat16, 128, 8, 4, 64, 8192)):
         h, b = 2, 2
         kv = pool(b * triton.cdiv(paged, 64) + 1, h, 64, d, dtype) if paged else None
         table = torch.arange(b * triton.cdiv(paged, 64), dtype=torch.int32).view(b, -1) if paged else None
@@ -84,6 +86,14 @@ def calls():
         torch.randn(2, 8, 1, 128).to(torch.bfloat16), pool(9, 2, 64, 128, torch.bfloat16),
         torch.arange(8, dtype=torch.int32).view(2, 4), 256, ring, ring, ring[:, :, :1], ring[:, :, :1], None, 0.1,
         None, None, None, None, 64, True, window_start=5, window_length=40)
+    state = torch.tensor([300, 250], dtype=torch.int32)
+    yield "attention with lengths on the device", lambda: triton_kernels.paged_attention(
+        torch.randn(2, 8, 1, 128).to(torch.bfloat16), pool(17, 2, 64, 128, torch.bfloat16),
+        torch.arange(16, dtype=torch.int32).view(2, 8), 512, ring, ring, ring[:, :, :1], ring[:, :, :1],
+        torch.ones(2, 1, 1, 512, dtype=torch.bool), 0.1, None, None, torch.zeros(2, 128), None, 64, True, state=state)
+    yield "append with lengths on the device", lambda: triton_kernels.append_from_state(
+        pool(17, 2, 64, 128, torch.bfloat16), torch.arange(16, dtype=torch.int32).view(2, 8), state, ring, ring,
+        ring[:, :, :1], ring[:, :, :1], torch.zeros(2, 128), None, 64, True)
     for butterfly in ("gather", "reshape"):
         def write(butterfly=butterfly):
             triton_kernels.TUNING["write_butterfly"] = butterfly
@@ -107,6 +117,9 @@ def main() -> int:
         for kernel, args, kwargs in launches:
             try:
                 compiled = compile_launch(kernel, args, kwargs)
+                if compiled.metadata.shared > HOPPER_SHARED_MEMORY:
+                    raise RuntimeError(f"{compiled.metadata.shared} B of shared memory, more than sm_90's "
+                                       f"{HOPPER_SHARED_MEMORY} B (the GPU would raise OutOfResources)")
                 print(f"ok    {label}: {kernel.__name__}, {compiled.metadata.shared} B shared memory", flush=True)
             except Exception as error:  # report every failing launch, not only the first
                 failures += 1

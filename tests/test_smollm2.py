@@ -92,15 +92,23 @@ def test_memory_at_2048_tokens_is_under_029x_of_a_bfloat16_dynamic_cache(smollm2
     assert saw.memory_footprint() <= 0.29 * bf16_bytes, saw.memory_footprint() / bf16_bytes
 
 
+def _gpu_prompt(tokenizer):
+    messages = [{"role": "user", "content": "Write a short paragraph about the history of the bicycle."}]
+    return tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    ).to("cuda")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("window", [0, 64])
 def test_triton_backend_greedy_tokens_equal_torch_backend_on_gpu(smollm2, window):
+    """In the model's float32: the kernels' products are exact integers and their inputs keep 16 bits of each row's
+    range, so they track the float32 torch backend closely. (In bfloat16 the two backends, like any two correct
+    bfloat16 attentions, round some outputs one bfloat16 step apart and greedy paths part after a few dozen tokens;
+    benchmarks/gpu_checks.py measures where.)"""
     model, tokenizer = smollm2
-    model = copy.deepcopy(model).to("cuda", torch.bfloat16)
-    messages = [{"role": "user", "content": "Write a short paragraph about the history of the bicycle."}]
-    inputs = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-    ).to("cuda")
+    model = copy.deepcopy(model).to("cuda")
+    inputs = _gpu_prompt(tokenizer)
     kwarg = compat.cache_kwarg_name()
     tokens, caches = {}, {}
     for backend in ("auto", "torch"):
@@ -109,3 +117,23 @@ def test_triton_backend_greedy_tokens_equal_torch_backend_on_gpu(smollm2, window
         tokens[backend] = out[0, inputs["input_ids"].shape[1] :]
     assert caches["auto"].layers[0].store.backend.name == "triton"
     assert torch.equal(tokens["auto"][:32], tokens["torch"][:32]), tokenizer.decode(tokens["auto"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_static_decode_gives_the_tokens_of_eager_decode_on_gpu(smollm2):
+    """generate() compiles the decode step of a static SawInt4Cache (inductor, CUDA graphs, fullgraph=True: any
+    graph break fails), and the greedy tokens equal those of eager decoding with the same static cache."""
+    from transformers import CompileConfig
+
+    model, tokenizer = smollm2
+    model = copy.deepcopy(model).to("cuda")
+    inputs = _gpu_prompt(tokenizer)
+    kwarg = compat.cache_kwarg_name()
+    tokens = {}
+    for name, extra in (("eager", dict(disable_compile=True)),
+                        ("compiled", dict(compile_config=CompileConfig(fullgraph=True, mode="reduce-overhead")))):
+        cache = SawInt4Cache(max_batch_size=1, max_cache_len=inputs["input_ids"].shape[1] + 48)
+        out = model.generate(**inputs, max_new_tokens=48, min_new_tokens=48, do_sample=False, **{kwarg: cache},
+                             **extra)
+        tokens[name] = out[0, inputs["input_ids"].shape[1] :]
+    assert torch.equal(tokens["compiled"], tokens["eager"]), tokenizer.decode(tokens["compiled"])

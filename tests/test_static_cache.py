@@ -9,6 +9,7 @@ Every configuration is passed explicitly (the defaults may change).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
@@ -147,6 +148,41 @@ def test_crop_then_append_equals_the_dynamic_store_without_reallocating(crop_to,
     assert buffers(static) == before
 
 
+def feed_on_device(store, keys, values, pieces):
+    start = 0
+    for size in pieces:
+        store.append_on_device(keys[:, :, start : start + size], values[:, :, start : start + size])
+        start += size
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("residual_length", [0, 5], ids=lambda r: f"window{r}")
+def test_appends_with_lengths_on_the_device_equal_the_host_bookkeeping(residual_length, backend):
+    """append_on_device/attend_on_device (what a compiled decode step runs: the lengths never leave the device)
+    against the dynamic store's host-side bookkeeping: the same codes, window and lengths, the same attention, also
+    with chunks longer than the window and after a crop. "triton" runs the kernels (Triton's interpreter here)."""
+    dynamic = PagedKVStore(config(residual_length, block=64), 0)
+    static = PagedKVStore(dataclasses.replace(config(residual_length, block=64), backend=backend), 0,
+                          max_batch_size=3, max_cache_len=120)
+    keys, values = kv(3, 100)
+    feed([dynamic, static], keys, values, [20])
+    feed([dynamic], keys[:, :, 20:60], values[:, :, 20:60], [1, 2, 7, 1, 1, 9, 19])
+    feed_on_device(static, keys[:, :, 20:60], values[:, :, 20:60], [1, 2, 7, 1, 1, 9, 19])
+    static._host_stale = True  # as after compiled steps: the host numbers are read back from the device
+    assert_same_content(dynamic, static)
+    q, ck, cv = torch.randn(3, 4, 2, 64), *kv(3, 2)
+    dynamic.append(ck, cv)
+    static.append_on_device(ck, cv)
+    expected = dynamic.attend(q, ck, cv, 60, None, 0.125)
+    got = static.attend_on_device(q, ck, cv, torch.ones(3, 1, 2, 120, dtype=torch.bool).tril(60), 0.125)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0 if backend == "torch" else 2e-5)
+    for store in (dynamic, static):
+        store.crop(43)
+    feed([dynamic], keys[:, :, 60:], values[:, :, 60:], [1, 6, 1, 32])
+    feed_on_device(static, keys[:, :, 60:], values[:, :, 60:], [1, 6, 1, 32])
+    assert_same_content(dynamic, static)
+
+
 @pytest.mark.parametrize("indices", [[2, 2, 0], [1, 0, 2], [0, 0, 1, 1]], ids=["repeat", "permute", "expand"])
 @pytest.mark.parametrize("residual_length", [0, 5], ids=lambda r: f"window{r}")
 def test_select_copies_pages_and_equals_the_dynamic_store(indices, residual_length):
@@ -196,11 +232,10 @@ def test_constructor_rejects_half_or_invalid_capacity(kwargs, message):
         SawInt4Cache(**kwargs)
 
 
-def test_static_cache_reports_its_capacity_before_any_update_and_is_not_yet_compileable():
+def test_static_cache_reports_its_capacity_before_any_update_and_is_compileable():
     cache = SawInt4Cache(config(), max_batch_size=3, max_cache_len=200)
-    # generate() asks before the first forward; True would make it compile the decode step, which recompiles
-    # at every step until lengths live on the device.
-    assert cache.is_static and not cache.is_compileable
+    # generate() asks before the first forward (True: it compiles the decode step on CUDA).
+    assert cache.is_static and cache.is_compileable
     assert (cache.max_cache_len, cache.max_batch_size, cache.get_max_length(), cache.get_max_cache_shape()) == (200, 3, 200, 200)
     assert "max_cache_len=200" in repr(cache)
     dynamic = SawInt4Cache(config())
@@ -292,6 +327,35 @@ def test_crop_through_the_cache_api_then_continue_equals_an_uncropped_run(llama)
         expected = llama(right, **cache_kwargs(fresh), use_cache=True).logits
     assert torch.equal(got, expected)
     assert [buffers(layer.store) for layer in cache.layers] == before
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_compiled_generate_is_one_graph_without_breaks_and_equals_eager(backend):
+    """transformers' compiled generation (a compile config; on CUDA generate() compiles a static cache's decode step
+    by itself): the whole decode step is one graph (fullgraph=True fails on any break), compiled once, and the
+    tokens equal eager decoding. aot_eager on the CPU; the GPU check runs inductor with CUDA graphs."""
+    from transformers import CompileConfig
+
+    model = tiny_model("llama", head_dim=32)
+    model.set_attn_implementation("saw_int4")
+    cfg = SawInt4Config(hadamard_block=32, residual_length=8, page_size=PAGE, backend=backend)
+    ids = torch.randint(3, 160, (2, 13))
+    ids[1, :3] = 0
+    kwargs = dict(attention_mask=(ids != 0).long(), max_new_tokens=20 if backend == "torch" else 10,
+                  min_new_tokens=20 if backend == "torch" else 10, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        eager = model.generate(ids, **cache_kwargs(SawInt4Cache(cfg, max_batch_size=2, max_cache_len=40)), **kwargs)
+    compile_config = CompileConfig(backend="aot_eager", fullgraph=True)
+    compile_config._compile_all_devices = True  # generate() compiles only on CUDA otherwise
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    cache = SawInt4Cache(cfg, max_batch_size=2, max_cache_len=40)
+    with torch.no_grad():
+        compiled = model.generate(ids, **cache_kwargs(cache), compile_config=compile_config, **kwargs)
+    assert torch.equal(compiled, eager)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert not torch._dynamo.utils.counters["graph_break"]
+    assert cache.get_seq_length() == 13 + kwargs["max_new_tokens"] - 1  # read back from the device
 
 
 def test_triton_backend_static_equals_dynamic_with_capacity_wide_masks():

@@ -24,6 +24,7 @@ import torch
 
 from .config import SawInt4Config
 from .ops import PagedKV, get_backend, reference
+from .ops import compiled as _custom_ops  # noqa: F401  (registers torch.ops.saw_kvcache.*)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The pool grows by at least this fraction of its size, so growth copies are rare (amortized O(1) per token).
@@ -48,12 +49,18 @@ class PagedKVStore:
         self._static_table_host: Optional[torch.Tensor] = None
         self._static_table: Optional[torch.Tensor] = None
         self._static_window: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        # Static mode: [length, num_paged] on the device, mirrored by the host numbers below; a decode step under
+        # torch.compile advances only the device copy and marks the host copy stale (read back when next needed).
+        self._state: Optional[torch.Tensor] = None
+        self._host_stale = False
+        self._length = self._num_paged = 0
         self.reset()
 
     # ---------------------------------------------------------------------------------------------- bookkeeping
 
     def reset(self) -> None:
         """Forget every token; the pool stays allocated and all its pages become free."""
+        self._host_stale = False  # everything is forgotten: nothing to read back
         self.length = 0
         self.num_paged = 0
         self.batch_size: Optional[int] = None
@@ -65,6 +72,40 @@ class PagedKVStore:
         self.origin: Optional[str] = None  # "loaded from <file>" for a cache rebuilt by load_state
         if self.pool is not None and not self.static:
             self.free_pages = list(range(self.pool.k_codes.shape[0] - 1, -1, -1))
+
+    @property
+    def length(self) -> int:
+        """Tokens per sequence."""
+        if self._host_stale:
+            self._pull_state()
+        return self._length
+
+    @length.setter
+    def length(self, value: int) -> None:
+        if self._host_stale:
+            self._pull_state()
+        self._length = value
+        if self._state is not None:
+            self._state[0].fill_(value)
+
+    @property
+    def num_paged(self) -> int:
+        """Positions [0, num_paged) of every sequence are in the INT4 pages, the rest in the window."""
+        if self._host_stale:
+            self._pull_state()
+        return self._num_paged
+
+    @num_paged.setter
+    def num_paged(self, value: int) -> None:
+        if self._host_stale:
+            self._pull_state()
+        self._num_paged = value
+        if self._state is not None:
+            self._state[1].fill_(value)
+
+    def _pull_state(self) -> None:
+        self._length, self._num_paged = (int(x) for x in self._state.tolist())
+        self._host_stale = False
 
     @property
     def page_size(self) -> int:
@@ -159,10 +200,7 @@ class PagedKVStore:
         self.device, self.dtype = key.device, key.dtype
         self.backend = get_backend(self.config.backend, key.device, head_dim=d)
         if self.static:
-            self.block_table_host = self._static_table_host[:b]
-            self.block_table = self._static_table[:b]
-            if self._static_window is not None:
-                self.window_key, self.window_value = (w[:b] for w in self._static_window)
+            self._use_static_rows(b)
             return
         pool = self.pool
         if pool is not None and (
@@ -208,6 +246,11 @@ class PagedKVStore:
         if r:
             window = torch.zeros(mb, h, r, d, dtype=key.dtype, **kw)
             self._static_window = (window, torch.zeros_like(window))
+        self._state = torch.tensor([self._length, self._num_paged], dtype=torch.int32, device=key.device)
+        # Fixed addresses: CUDA graphs (torch.compile "reduce-overhead") read and update these in place instead of
+        # copying them into graph-owned buffers at every replay.
+        for tensor in (*self.pool, self._static_table, *(self._static_window or ()), self._state):
+            torch._dynamo.mark_static_address(tensor)
 
     def _select_static(self, indices: torch.Tensor) -> None:
         """Beam reorder / repeat / select in static mode: copy the used pages and the window rows in place (the
@@ -224,10 +267,20 @@ class PagedKVStore:
         if self._static_window is not None:
             for w in self._static_window:
                 w[:new_b] = w[:old_b].index_select(0, idx)
-            self.window_key, self.window_value = (w[:new_b] for w in self._static_window)
         self.batch_size = new_b
-        self.block_table_host = self._static_table_host[:new_b]
-        self.block_table = self._static_table[:new_b]
+        self._use_static_rows(new_b)
+
+    def _use_static_rows(self, batch: int) -> None:
+        """The first `batch` rows of the static block table and window; the views are marked as fixed addresses
+        too (CUDA graphs check the tensors a step reads, views included, not the buffers they view)."""
+        self.block_table_host = self._static_table_host[:batch]
+        self.block_table = self._static_table[:batch]
+        views = [self.block_table]
+        if self._static_window is not None:
+            self.window_key, self.window_value = (w[:batch] for w in self._static_window)
+            views += [self.window_key, self.window_value]
+        for view in views:
+            torch._dynamo.mark_static_address(view)
 
     def _grow_pool(self, needed: int) -> None:
         h, p, d = self.num_heads, self.page_size, self.head_dim
@@ -312,6 +365,10 @@ class PagedKVStore:
         self.key_mean = self._mean_for(key, self.config.center_keys, self.config.hadamard_block)
         v_block = self.config.hadamard_block if self.config.rotate_values else 0
         self.value_mean = self._mean_for(value, self.config.center_values, v_block)
+        if self.static:
+            for mean in (self.key_mean, self.value_mean):
+                if mean is not None:
+                    torch._dynamo.mark_static_address(mean)
 
     @staticmethod
     def _mean_for(x: torch.Tensor, mode, block: int) -> Optional[torch.Tensor]:
@@ -370,6 +427,40 @@ class PagedKVStore:
         self.num_paged = new_paged
         self.length = new_length
         return past
+
+    # ---------------------------------------------------------------------------------- static decode, on the device
+    # The same results as append/attend, with the lengths read on the device (`_state`): what a decode step under
+    # torch.compile runs (custom ops, no Python number that changes between steps), and eager static steps too.
+
+    def append_on_device(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        """append() for a static store that already holds this batch's tokens."""
+        n = key.shape[2]
+        if key.shape != (self.batch_size, self.num_heads, n, self.head_dim) or key.dtype != self.dtype:
+            self._check_input(key, value)  # raises with the reason
+        window_key, window_value = self.window_key, self.window_value
+        args = (self.pool.k_codes, self.pool.k_meta, self.pool.v_codes, self.pool.v_meta, self.block_table,
+                self._state, window_key, window_value, key, value, self.key_mean, self.value_mean,
+                self.config.hadamard_block, self.config.rotate_values)
+        if torch.compiler.is_compiling():
+            # No host check of the capacity without a sync: a device-side assert instead (generate() checks first).
+            torch._assert_async(self._state[0] <= self.max_cache_len - n)
+            torch.ops.saw_kvcache.append_from_state(self.backend.name, *args)
+            self._host_stale = True
+            return
+        if self.length + n > self.max_cache_len:
+            self._raise_capacity(key.shape[0], n)
+        self.backend.append_from_state(reference.PagedKV(*args[:4]), *args[4:])
+        self._length += n
+        self._num_paged = max(self._num_paged, self._length - self.config.residual_length)
+
+    def attend_on_device(self, query, chunk_key, chunk_value, mask, scaling, softcap=None, sinks=None):
+        """attend() right after append_on_device of this chunk."""
+        args = (self.block_table, self._state, self.max_cache_len, self.window_key, self.window_value, chunk_key,
+                chunk_value, mask, scaling, softcap, sinks, self.key_mean, self.value_mean,
+                self.config.hadamard_block, self.config.rotate_values)
+        if torch.compiler.is_compiling():
+            return torch.ops.saw_kvcache.attention_from_state(self.backend.name, query, *self.pool, *args)
+        return self.backend.paged_attention(query, self.pool, *args[:1], *args[2:], state=self._state)
 
     def _window(self, start: int, stop: int):
         """Full-precision keys/values of positions [start, stop) (all in the window), in position order."""

@@ -55,8 +55,7 @@ def all_methods(saw_fields: dict) -> dict[str, Method]:
         Method("saw-compiled", "SawInt4Cache static + compiled", "saw_int4",
                lambda model, batch, max_len: SawInt4Cache(
                    config=saw_config_for(model, saw_fields), max_batch_size=batch, max_cache_len=max_len),
-               compiled=True, missing="a compiled SawInt4Cache decode step is not supported yet (is_compileable is "
-                                      "False: Python-int lengths make dynamo recompile every step)"),
+               compiled=True),
         Method("dynamic", "DynamicCache (sdpa)", "sdpa", lambda model, batch, max_len: DynamicCache()),
         Method("static-compiled", "StaticCache (sdpa) compiled", "sdpa",
                lambda model, batch, max_len: StaticCache(config=model.config, max_cache_len=max_len), compiled=True),

@@ -44,7 +44,8 @@ def markdown(result: dict) -> str:
         )
     ratios = result.get("ratios") or []
     if ratios:
-        lines += ["", "Warm decode tokens/s relative to DynamicCache (sdpa) on the same case:", "",
+        which = ratios[0].get("passes", "warm")
+        lines += ["", f"Decode tokens/s ({which} pass) relative to DynamicCache (sdpa) on the same case:", "",
                   "| method | " + " | ".join(f"{b}x{c:,}" for b, c in result["cases"]) + " |",
                   "|---|" + "---:|" * len(result["cases"])]
         for entry in ratios:

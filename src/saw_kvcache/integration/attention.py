@@ -49,5 +49,9 @@ def saw_int4_attention_forward(
         chunk_key, chunk_value = view.chunk_key, view.chunk_value
     else:
         chunk_key, chunk_value = key[:, :, view.chunk_start :], value[:, :, view.chunk_start :]
-    out = layer.store.attend(query, chunk_key, chunk_value, view.past_length, attention_mask, scaling, softcap, s_aux)
+    if view.past_length is None:
+        out = layer.store.attend_on_device(query, chunk_key, chunk_value, attention_mask, scaling, softcap, s_aux)
+    else:
+        out = layer.store.attend(query, chunk_key, chunk_value, view.past_length, attention_mask, scaling, softcap,
+                                 s_aux)
     return out, None

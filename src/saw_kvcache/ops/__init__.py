@@ -1,7 +1,7 @@
 """The backend seam: each cache operation is looked up here per backend.
 
-A backend provides the same three functions with the same signatures as ``reference``:
-``write_pages``, ``paged_attention`` and ``dequantize_pages``. The cache calls them only through ``get_backend``.
+A backend provides the same four functions with the same signatures as ``reference``:
+``write_pages``, ``append_from_state``, ``paged_attention`` and ``dequantize_pages``. The cache calls them only through ``get_backend``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from .reference import PagedKV
 TORCH_BACKEND = SimpleNamespace(
     name="torch",
     write_pages=reference.write_pages,
+    append_from_state=reference.append_from_state,
     paged_attention=reference.paged_attention,
     dequantize_pages=reference.dequantize_pages,
 )
@@ -30,6 +31,7 @@ def _triton_backend() -> SimpleNamespace:
     return SimpleNamespace(
         name="triton",
         write_pages=triton_kernels.write_pages,
+        append_from_state=triton_kernels.append_from_state,
         paged_attention=triton_kernels.paged_attention,
         dequantize_pages=triton_kernels.dequantize_pages,
     )

@@ -177,6 +177,65 @@ def write_pages(
         meta_pool[pages, :, slots] = meta.transpose(1, 2).to(meta_pool.dtype)
 
 
+# -------------------------------------------------------------------------------------------------------------
+# Lengths on the device (static caches under torch.compile / CUDA graphs)
+# -------------------------------------------------------------------------------------------------------------
+# A static cache keeps `state` = int32 [length, num_paged] on its device, so that a decode step needs no Python
+# number that changes from step to step: the Triton kernels read it, and this reference reads it with .tolist().
+
+
+def attention_lengths(state: torch.Tensor, chunk_tokens: int, ring: int) -> tuple[int, int, int]:
+    """(num_paged, window_start, window_length) of an attention whose chunk of `chunk_tokens` tokens was already
+    appended (state counts it): pages hold [0, min(num_paged, past)), the window the rest of the past."""
+    length, paged = (int(x) for x in state.tolist())
+    past = length - chunk_tokens
+    num_paged = min(paged, past)
+    return num_paged, num_paged % ring if ring else 0, past - num_paged
+
+
+def evicted_states(state: torch.Tensor, window: Optional[torch.Tensor], chunk: torch.Tensor):
+    """(start, states) of the tokens that appending `chunk` [B, H, n, D] moves into the pages: positions
+    [num_paged, max(num_paged, length + n - R)), from the window's ring (positions < length) or the chunk."""
+    length, paged = (int(x) for x in state.tolist())
+    ring = window.shape[2] if window is not None else 0
+    n = chunk.shape[2]
+    stop = max(paged, length + n - ring)
+    positions = torch.arange(paged, stop, device=chunk.device)
+    from_window = positions[positions < length]
+    parts = [window[:, :, from_window % ring]] if from_window.numel() else []
+    parts.append(chunk[:, :, max(paged - length, 0) : max(stop - length, 0)])
+    return paged, torch.cat(parts, 2) if len(parts) > 1 else parts[0]
+
+
+def advance_window_and_state(state, window_key, window_value, key, value) -> None:
+    """After the evicted tokens were written to the pages: put the newest min(n, R) chunk tokens into their ring
+    slots and advance state to [length + n, max(num_paged, length + n - R)]. Device-side torch ops only (no host
+    sync); shared by both backends."""
+    n = key.shape[2]
+    ring = window_key.shape[2] if window_key is not None else 0
+    if ring:
+        kept = min(n, ring)
+        slots = (state[0].long() + torch.arange(n - kept, n, device=state.device)) % ring
+        window_key.index_copy_(2, slots, key[:, :, n - kept :])
+        window_value.index_copy_(2, slots, value[:, :, n - kept :])
+    length = state[0] + n
+    state[1] = torch.maximum(state[1], length - ring)
+    state[0] = length
+
+
+def append_from_state(pool, block_table, state, window_key, window_value, key, value, key_mean, value_mean,
+                      hadamard_block, rotate_values) -> None:
+    """Append key/value [B, H, n, D] to a cache whose lengths are `state` = [length, num_paged] on the device:
+    tokens leaving the window (ring buffer [B, H, R, D], or None) are encoded into the pages, the chunk's newest
+    tokens enter the window, and state advances. Same results as the host-side bookkeeping of PagedKVStore."""
+    start, evicted_key = evicted_states(state, window_key, key)
+    if evicted_key.shape[2]:
+        _, evicted_value = evicted_states(state, window_value, value)
+        write_pages(pool, block_table, start, evicted_key, evicted_value, key_mean, value_mean, hadamard_block,
+                    rotate_values)
+    advance_window_and_state(state, window_key, window_value, key, value)
+
+
 def _gather_pages(codes_pool, meta_pool, block_table, start: int, stop: int):
     """Codes and meta of positions [start, stop) (start page-aligned): [B, H, stop - start, ...]."""
     page_size = codes_pool.shape[2]
@@ -287,6 +346,7 @@ def paged_attention(
     rotate_values: bool = False,
     window_start: int = 0,
     window_length: Optional[int] = None,
+    state: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Attention of query [B, Hq, nq, D] over, in position order: the INT4 pages (positions [0, num_paged)), the
     full-precision window and the current chunk [B, H, n, D]. Returns [B, nq, Hq, D] in query.dtype.
@@ -294,11 +354,22 @@ def paged_attention(
     The window [B, H, R, D] may be a ring buffer: its tokens, in position order, are slots (window_start + i) % R
     for i < window_length (default: all R slots from slot 0), so a cache passes its ring as it is.
 
+    With `state` (int32 [length, num_paged] on the device, the chunk already counted; see append_from_state)
+    num_paged, window_start and window_length come from it, num_paged given here is only an upper bound (the
+    Triton launcher sizes its grid by it), and the mask may be longer than the tokens (a static cache's).
+
     The queries sit at the last nq positions. mask is None (causal) or covers all num_paged + w + n positions.
     Pages are read ATTENTION_CHUNK_TOKENS at a time with an online softmax, so no full-precision copy of the cache
     is ever built. Scores use q·k = rot(q)·rot(k - mean) + q·mean, exactly the model's q·k up to quantization.
     """
     b, hq, nq, d = query.shape
+    if state is not None:
+        ring = window_key.shape[2] if window_key is not None else 0
+        num_paged, window_start, window_length = attention_lengths(state, chunk_key.shape[2], ring)
+        if mask is not None:
+            mask = mask[..., : num_paged + window_length + chunk_key.shape[2]]
+        if not window_length:
+            window_key = window_value = None
     if window_key is not None and (window_start or window_length not in (None, window_key.shape[2])):
         ring = window_key.shape[2]
         slots = (window_start + torch.arange(window_length, device=window_key.device)) % ring

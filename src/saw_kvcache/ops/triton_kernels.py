@@ -28,12 +28,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import PagedKV, hadamard_scale
+from .reference import PagedKV, advance_window_and_state, hadamard_scale
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Launch settings, chosen by `benchmarks/bench_kernels.py --sweep` on an H200 (docs/kernel_notes.md).
 TUNING = {
-    "decode": {"num_warps": 4, "num_stages": 4},
+    "decode": {"num_warps": 4, "num_stages": 2},
     "prefill": {"num_warps": 4, "num_stages": 2},
     "decode_max_queries": 16,  # up to this many queries per sequence use the decode settings
     "decode_block_n": 256,  # tokens of INT4 pages per step of the decode loop (may span several pages)
@@ -122,38 +122,57 @@ def _round_to(x, ty: tl.constexpr):
 
 @triton.jit
 def _write_kernel(
-    XK, s_kb, s_kh, s_kn, KMEAN, KC, KM,
-    XV, s_vb, s_vh, s_vn, VMEAN, VC, VM,
+    XK, s_kb, s_kh, s_kn, KMEAN, KC, KM, WK,
+    XV, s_vb, s_vh, s_vn, VMEAN, VC, VM, WV,
+    s_wb, s_wh, s_wn, STATE,
     BT, stride_btb, start, n, H,
     HAS_KMEAN: tl.constexpr, HAS_VMEAN: tl.constexpr, D: tl.constexpr, P: tl.constexpr, T: tl.constexpr,
     LOG_BLOCK_K: tl.constexpr, SCALE_K: tl.constexpr, LOG_BLOCK_V: tl.constexpr, SCALE_V: tl.constexpr,
-    GATHER: tl.constexpr,
+    GATHER: tl.constexpr, FROM_STATE: tl.constexpr, R: tl.constexpr,
 ):
-    """Keys (program_id(2) == 0) and values (== 1) in one launch: one launch fewer per layer and step."""
+    """Keys (program_id(2) == 0) and values (== 1) in one launch: one launch fewer per layer and step.
+
+    FROM_STATE: the tokens leaving the window when the n tokens of X are appended, with the lengths read from
+    STATE = [length, num_paged] (positions [num_paged, max(num_paged, length + n - R)): window ring W, then X)."""
     if tl.program_id(2) == 0:
-        _write_tile(XK, s_kb, s_kh, s_kn, KMEAN, KC, KM, BT, stride_btb, start, n, H,
-                    HAS_KMEAN, D, P, T, LOG_BLOCK_K, SCALE_K, GATHER)
+        _write_tile(XK, s_kb, s_kh, s_kn, KMEAN, KC, KM, WK, s_wb, s_wh, s_wn, STATE, BT, stride_btb, start, n, H,
+                    HAS_KMEAN, D, P, T, LOG_BLOCK_K, SCALE_K, GATHER, FROM_STATE, R)
     else:
-        _write_tile(XV, s_vb, s_vh, s_vn, VMEAN, VC, VM, BT, stride_btb, start, n, H,
-                    HAS_VMEAN, D, P, T, LOG_BLOCK_V, SCALE_V, GATHER)
+        _write_tile(XV, s_vb, s_vh, s_vn, VMEAN, VC, VM, WV, s_wb, s_wh, s_wn, STATE, BT, stride_btb, start, n, H,
+                    HAS_VMEAN, D, P, T, LOG_BLOCK_V, SCALE_V, GATHER, FROM_STATE, R)
 
 
 @triton.jit
 def _write_tile(
     X, stride_xb, stride_xh, stride_xn,
-    MEAN, CODES, META, BT, stride_btb,
+    MEAN, CODES, META, W, stride_wb, stride_wh, stride_wn, STATE, BT, stride_btb,
     start, n, H,
     HAS_MEAN: tl.constexpr, D: tl.constexpr, P: tl.constexpr, T: tl.constexpr,
-    LOG_BLOCK: tl.constexpr, SCALE: tl.constexpr, GATHER: tl.constexpr,
+    LOG_BLOCK: tl.constexpr, SCALE: tl.constexpr, GATHER: tl.constexpr, FROM_STATE: tl.constexpr, R: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     t = pid_t * T + tl.arange(0, T)
-    t_ok = t < n
     d = tl.arange(0, D)
-    x = tl.load(X + b * stride_xb + h * stride_xh + t[:, None] * stride_xn + d[None, :], mask=t_ok[:, None], other=0.0)
+    if FROM_STATE:
+        length = tl.load(STATE)
+        start = tl.load(STATE + 1)
+        n = tl.maximum(length + n - R, start) - start
+        t_ok = t < n
+        from_x = (start + t >= length)[:, None] & t_ok[:, None]
+        x = tl.load(X + b * stride_xb + h * stride_xh + (start + t - length)[:, None] * stride_xn + d[None, :],
+                    mask=from_x, other=0.0)
+        if R > 0:
+            from_w = (start + t < length)[:, None] & t_ok[:, None]
+            w = tl.load(W + b * stride_wb + h * stride_wh + ((start + t) % R)[:, None] * stride_wn + d[None, :],
+                        mask=from_w, other=0.0)
+            x = x + w
+    else:
+        t_ok = t < n
+        x = tl.load(X + b * stride_xb + h * stride_xh + t[:, None] * stride_xn + d[None, :], mask=t_ok[:, None],
+                    other=0.0)
     x = x.to(tl.float32)
     if HAS_MEAN:
         x = x - tl.load(MEAN + h * D + d)[None, :]
@@ -207,8 +226,11 @@ def _write_pages(
     value_mean: Optional[torch.Tensor],
     hadamard_block: int,
     rotate_values: bool,
+    state: Optional[torch.Tensor] = None,
+    window_key: Optional[torch.Tensor] = None,
+    window_value: Optional[torch.Tensor] = None,
 ) -> None:
-    """Same contract as reference.write_pages."""
+    """Same contract as reference.write_pages; with `state`, the eviction step of reference.append_from_state."""
     b, h, n, d = key.shape
     if n == 0:
         return
@@ -217,16 +239,21 @@ def _write_pages(
     key = key if key.stride(-1) == 1 else key.contiguous()
     value = value if value.stride(-1) == 1 else value.contiguous()
     v_block = hadamard_block if rotate_values else 0
+    if state is not None and window_key is not None and window_key.stride() != window_value.stride():
+        raise ValueError("append_from_state: the key and value windows must have the same strides")
+    wk, wv = (key, value) if window_key is None else (window_key, window_value)
     _write_kernel[(_cdiv(n, tokens), b * h, 2)](
         key, key.stride(0), key.stride(1), key.stride(2),
-        key_mean if key_mean is not None else pool.k_meta, pool.k_codes, pool.k_meta,
+        key_mean if key_mean is not None else pool.k_meta, pool.k_codes, pool.k_meta, wk,
         value, value.stride(0), value.stride(1), value.stride(2),
-        value_mean if value_mean is not None else pool.v_meta, pool.v_codes, pool.v_meta,
+        value_mean if value_mean is not None else pool.v_meta, pool.v_codes, pool.v_meta, wv,
+        wk.stride(0), wk.stride(1), wk.stride(2), state if state is not None else block_table,
         block_table, block_table.stride(0), start, n, h,
         HAS_KMEAN=key_mean is not None, HAS_VMEAN=value_mean is not None, D=d, P=page_size, T=tokens,
         LOG_BLOCK_K=_log2(hadamard_block), SCALE_K=hadamard_scale(hadamard_block) if hadamard_block else 1.0,
         LOG_BLOCK_V=_log2(v_block), SCALE_V=hadamard_scale(v_block) if v_block else 1.0,
-        GATHER=TUNING["write_butterfly"] == "gather", enable_fp_fusion=False, **TUNING["write"],
+        GATHER=TUNING["write_butterfly"] == "gather", FROM_STATE=state is not None,
+        R=window_key.shape[2] if window_key is not None else 0, enable_fp_fusion=False, **TUNING["write"],
     )
 
 
@@ -462,7 +489,7 @@ def _attention_kernel(
     MASK, sm_b, sm_q,
     SINKS,
     OUT, so_b, so_n, so_h,
-    PART_M, PART_L, PART_ACC,
+    PART_M, PART_L, PART_ACC, STATE,
     num_paged, n_raw, nq, total, tiles_per_split, H, num_splits, num_q_blocks,
     scaling, softcap,
     G: tl.constexpr, BLOCK_Q: tl.constexpr, M: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
@@ -471,11 +498,20 @@ def _attention_kernel(
     PIECES: tl.constexpr, ASM: tl.constexpr, CODE_ALIGN: tl.constexpr, META_ALIGN: tl.constexpr,
     ROT_PRECISION: tl.constexpr, DOT_PRECISION: tl.constexpr, RAW_PIECES: tl.constexpr,
     HAS_KMEAN: tl.constexpr, HAS_VMEAN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    HAS_SINKS: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
+    HAS_SINKS: tl.constexpr, SINGLE_SPLIT: tl.constexpr, STATE_ON_DEVICE: tl.constexpr,
 ):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     s = tl.program_id(2)
+    if STATE_ON_DEVICE:  # lengths from STATE = [length, num_paged], the chunk (n_raw tokens here) counted
+        length = tl.load(STATE)
+        past = length - n_raw
+        num_paged = tl.minimum(tl.load(STATE + 1), past)
+        n_win = past - num_paged
+        win_start = num_paged % ring
+        n_raw = n_win + n_raw
+        total = length
+        tiles_per_split = tl.cdiv(tl.cdiv(num_paged, BLOCK_N), num_splits)
     b = bh // H
     h = bh % H
     rows = tl.arange(0, M)
@@ -676,7 +712,13 @@ def _merge_splits_kernel(
         tl.store(ptr, _round_to(out, OUT.dtype.element_ty))
 
 
-def _attention_plan(b: int, h: int, g: int, nq: int, num_paged: int, pieces: int, device: torch.device):
+# The largest BLOCK_N whose tiles fitted the shared memory of a GPU, per (device, head dim, rows, pieces, dtype):
+# a launch that does not fit is retried with half the tokens per step, and the answer kept.
+_BLOCK_N_FITS: dict = {}
+
+
+def _attention_plan(b: int, h: int, g: int, nq: int, num_paged: int, pieces: int, device: torch.device,
+                    block_n_cap: int):
     """(BLOCK_Q, M, number of query blocks, BLOCK_N, splits, tiles per split) for one call."""
     block_q = max(1, min(_next_pow2(nq), max(1, TUNING["prefill_rows"] // _next_pow2(g))))
     m = max(8, _next_pow2(g) * block_q)  # 8 rows: stacked in pieces, dots see at least 16
@@ -684,6 +726,7 @@ def _attention_plan(b: int, h: int, g: int, nq: int, num_paged: int, pieces: int
     block_n = TUNING["decode_block_n" if nq <= TUNING["decode_max_queries"] else "prefill_block_n"]
     if m * max(pieces, 1) > 16:  # more than 16 stacked rows: 256-token steps overran shared memory on an H200
         block_n = min(block_n, 128)
+    block_n = min(block_n, block_n_cap)
     n_tiles = _cdiv(num_paged, block_n)
     programs = b * h * q_blocks
     splits = 1
@@ -714,9 +757,11 @@ def _paged_attention(
     rotate_values: bool = False,
     window_start: int = 0,
     window_length: Optional[int] = None,
+    state: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Same contract as reference.paged_attention (boolean or no mask). The window's ring buffer and the chunk
-    are read where they are (no concatenated copy)."""
+    are read where they are (no concatenated copy). With `state`, the kernel reads the lengths from it and the
+    grid depends only on the upper bound num_paged (CUDA-graph replays at any length)."""
     b, hq, nq, d = query.shape
     raw = []
     for k, v in ((window_key, window_value), (chunk_key, chunk_value)):
@@ -737,17 +782,9 @@ def _paged_attention(
     # int8 pieces (exact products) in decode; float16 dots in prefill, except under the CPU interpreter, whose
     # 16-bit dots are wrong; 4 pieces (31 bits) for float32 models.
     pieces = (TUNING["int8_pieces"] if decode else 4 if INTERPRET else 0) if sixteen_bit else 4
-    block_q, m, q_blocks, block_n, splits, tiles_per_split = _attention_plan(b, h, g, nq, num_paged, pieces,
-                                                                             query.device)
     if query.stride(-1) != 1:
         query = query.contiguous()
     out = torch.empty(b, nq, hq, d, dtype=query.dtype, device=query.device)
-    if splits > 1:
-        part_m = torch.empty(b * h * q_blocks * splits * m, dtype=torch.float32, device=query.device)
-        part_l = torch.empty_like(part_m)
-        part_acc = torch.empty(part_m.numel(), d, dtype=torch.float32, device=query.device)
-    else:
-        part_m = part_l = part_acc = out
     if pool is None:  # no pages yet: nothing is read, but the kernel is typed by uint8 codes and 16-bit meta
         codes = query.view(torch.uint8)
         pool = PagedKV(codes, query, codes, query)
@@ -755,7 +792,7 @@ def _paged_attention(
     if mask is not None:
         if mask.dtype != torch.bool:
             raise ValueError("the Triton attention takes boolean masks (transformers' sdpa masks); got " + str(mask.dtype))
-        mask = mask.expand(b, 1, nq, total)
+        mask = mask.expand(b, 1, nq, total if state is None else mask.shape[-1])
         mask_u8 = mask.view(torch.uint8)
     for name in ("k_codes", "v_codes", "k_meta", "v_meta") if num_paged else ():
         if getattr(pool, name).data_ptr() % 16:
@@ -766,31 +803,48 @@ def _paged_attention(
         wk, wv, ck, cv = (None if t is None else t.float() for t in (wk, wv, ck, cv))
         sixteen_bit = False
     wk, wv, ck, cv = (query if t is None else t for t in (wk, wv, ck, cv))
-    _attention_kernel[(q_blocks, b * h, splits)](
-        query, query.stride(0), query.stride(1), query.stride(2),
-        pool.k_codes, pool.k_meta, pool.v_codes, pool.v_meta, block_table, block_table.stride(0),
-        key_mean if key_mean is not None else query, value_mean if value_mean is not None else query,
-        wk, wv, wk.stride(0), wk.stride(1), wk.stride(2), window_start, ring, n_win,
-        ck, cv, ck.stride(0), ck.stride(1), ck.stride(2),
-        mask_u8 if mask is not None else query, mask.stride(0) if mask is not None else 0,
-        mask.stride(2) if mask is not None else 0,
-        sinks if sinks is not None else query,
-        out, out.stride(0), out.stride(1), out.stride(2),
-        part_m, part_l, part_acc,
-        num_paged, n_raw, nq, total, tiles_per_split, h, splits, q_blocks,
-        scaling, softcap or 0.0,
-        G=g, BLOCK_Q=block_q, M=m, D=d, P=page_size, BLOCK_N=block_n, RAW_BLOCK_N=64,
-        BLOCK=hadamard_block, LOG_BLOCK=_log2(hadamard_block), SCALE=hadamard_scale(hadamard_block) if hadamard_block else 1.0,
-        ROTATE_VALUES=bool(rotate_values and hadamard_block),
-        PIECES=pieces, ASM=TUNING["nibble_asm"] and not INTERPRET, CODE_ALIGN=math.gcd(16, d // 2),
-        META_ALIGN=2 * pool.k_meta.element_size(),
-        ROT_PRECISION=TUNING["rotation_precision"] if sixteen_bit else "ieee",
-        DOT_PRECISION="tf32" if sixteen_bit else "ieee",
-        RAW_PIECES=2 if m < 16 or (sixteen_bit and decode and TUNING["decode_residual_dots"]) else 1,
-        HAS_KMEAN=key_mean is not None, HAS_VMEAN=value_mean is not None, HAS_MASK=mask is not None,
-        HAS_SOFTCAP=bool(softcap), HAS_SINKS=sinks is not None, SINGLE_SPLIT=splits == 1,
-        **(TUNING["decode" if decode else "prefill"] if sixteen_bit else FLOAT32_LAUNCH),
-    )
+    fit_key = (query.device, d, g, nq, pieces, query.dtype)
+    while True:
+        block_q, m, q_blocks, block_n, splits, tiles_per_split = _attention_plan(
+            b, h, g, nq, num_paged, pieces, query.device, _BLOCK_N_FITS.get(fit_key, 1 << 30))
+        if splits > 1:
+            part_m = torch.empty(b * h * q_blocks * splits * m, dtype=torch.float32, device=query.device)
+            part_l = torch.empty_like(part_m)
+            part_acc = torch.empty(part_m.numel(), d, dtype=torch.float32, device=query.device)
+        else:
+            part_m = part_l = part_acc = out
+        try:
+            _attention_kernel[(q_blocks, b * h, splits)](
+                query, query.stride(0), query.stride(1), query.stride(2),
+                pool.k_codes, pool.k_meta, pool.v_codes, pool.v_meta, block_table, block_table.stride(0),
+                key_mean if key_mean is not None else query, value_mean if value_mean is not None else query,
+                wk, wv, wk.stride(0), wk.stride(1), wk.stride(2), window_start, ring, n_win,
+                ck, cv, ck.stride(0), ck.stride(1), ck.stride(2),
+                mask_u8 if mask is not None else query, mask.stride(0) if mask is not None else 0,
+                mask.stride(2) if mask is not None else 0,
+                sinks if sinks is not None else query,
+                out, out.stride(0), out.stride(1), out.stride(2),
+                part_m, part_l, part_acc, state if state is not None else part_m,
+                num_paged, n_raw if state is None else n_chunk, nq, total, tiles_per_split, h, splits, q_blocks,
+                scaling, softcap or 0.0,
+                G=g, BLOCK_Q=block_q, M=m, D=d, P=page_size, BLOCK_N=block_n, RAW_BLOCK_N=64,
+                BLOCK=hadamard_block, LOG_BLOCK=_log2(hadamard_block), SCALE=hadamard_scale(hadamard_block) if hadamard_block else 1.0,
+                ROTATE_VALUES=bool(rotate_values and hadamard_block),
+                PIECES=pieces, ASM=TUNING["nibble_asm"] and not INTERPRET, CODE_ALIGN=math.gcd(16, d // 2),
+                META_ALIGN=2 * pool.k_meta.element_size(),
+                ROT_PRECISION=TUNING["rotation_precision"] if sixteen_bit else "ieee",
+                DOT_PRECISION="tf32" if sixteen_bit else "ieee",
+                RAW_PIECES=2 if m < 16 or (sixteen_bit and decode and TUNING["decode_residual_dots"]) else 1,
+                HAS_KMEAN=key_mean is not None, HAS_VMEAN=value_mean is not None, HAS_MASK=mask is not None,
+                HAS_SOFTCAP=bool(softcap), HAS_SINKS=sinks is not None, SINGLE_SPLIT=splits == 1,
+                STATE_ON_DEVICE=state is not None,
+                **(TUNING["decode" if decode else "prefill"] if sixteen_bit else FLOAT32_LAUNCH),
+            )
+            break
+        except triton.runtime.errors.OutOfResources:
+            if block_n <= 16:
+                raise
+            _BLOCK_N_FITS[fit_key] = block_n // 2  # before any work was queued: retry with smaller tiles
     if splits > 1:
         _merge_splits_kernel[(q_blocks, b * h, m)](
             part_m, part_l, part_acc, sinks if sinks is not None else query,
@@ -806,6 +860,15 @@ def write_pages(pool, block_table, start, key, value, key_mean, value_mean, hada
     """Same contract as reference.write_pages."""
     with _on_device(key):
         return _write_pages(pool, block_table, start, key, value, key_mean, value_mean, hadamard_block, rotate_values)
+
+
+def append_from_state(pool, block_table, state, window_key, window_value, key, value, key_mean, value_mean,
+                      hadamard_block, rotate_values) -> None:
+    """Same contract as reference.append_from_state: one write launch reads the lengths from `state`."""
+    with _on_device(key):
+        _write_pages(pool, block_table, 0, key, value, key_mean, value_mean, hadamard_block, rotate_values,
+                     state, window_key, window_value)
+        advance_window_and_state(state, window_key, window_value, key, value)
 
 
 def dequantize_pages(pool, block_table, num_tokens, key_mean, value_mean, hadamard_block, rotate_values, dtype):
