@@ -289,3 +289,39 @@ def test_attention_reads_a_ring_window_like_the_ordered_window(start, length):
                         window_length=length)
         ordered = impl(query, pool, table, 20, ring_k[:, :, slots], ring_v[:, :, slots], chunk, chunk, *common)
         assert torch.equal(in_place, ordered), impl.__module__
+
+
+def test_a_launch_that_does_not_fit_shared_memory_is_retried_with_fewer_tokens_per_step(monkeypatch):
+    """GPUs differ in shared memory (H200: 227 KiB per block, others far less): a launch the GPU refuses with
+    OutOfResources (raised before any work is queued) is retried with half the tokens per step, the smaller step is
+    remembered for that shape, and the result equals the twin's. The refusal is simulated above 32 tokens."""
+    import triton
+
+    steps = []
+    real = triton_kernels._attention_kernel
+
+    class SmallSharedMemory:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                steps.append(kwargs["BLOCK_N"])
+                if kwargs["BLOCK_N"] > 32:
+                    raise triton.runtime.errors.OutOfResources(kwargs["BLOCK_N"] * 1000, 32000, "shared memory")
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(triton_kernels, "_attention_kernel", SmallSharedMemory())
+    monkeypatch.setattr(triton_kernels, "_BLOCK_N_FITS", {})
+    dtype, heads, head_dim = torch.bfloat16, 2, 64
+    pool = make_pool(9, heads, head_dim, dtype)
+    table = shuffled_block_table(1, 8, 9)
+    keys = random_states(1, heads, 100, head_dim, dtype)
+    reference.write_pages(pool, table, 0, keys, keys, None, None, 64, True)
+    query = random_states(1, heads * 4, 1, head_dim, dtype, outliers=False)
+    chunk = random_states(1, heads, 1, head_dim, dtype)
+    args = (query, pool, table, 100, None, None, chunk, chunk, None, 0.125, None, None, None, None, 64, True)
+    out = triton_kernels.paged_attention(*args)
+    assert steps == [triton_kernels.TUNING["decode_block_n"], 128, 64, 32]
+    torch.testing.assert_close(out, reference.paged_attention(*args), rtol=0.02, atol=0.02)
+    steps.clear()
+    triton_kernels.paged_attention(*args)
+    assert steps == [32]  # remembered
