@@ -435,7 +435,8 @@ class PagedKVStore:
     def append_on_device(self, key: torch.Tensor, value: torch.Tensor) -> None:
         """append() for a static store that already holds this batch's tokens."""
         n = key.shape[2]
-        if key.shape != (self.batch_size, self.num_heads, n, self.head_dim) or key.dtype != self.dtype:
+        if (key.shape != (self.batch_size, self.num_heads, n, self.head_dim) or key.dtype != self.dtype
+                or key.device != self.device or value.shape != key.shape or value.dtype != key.dtype):
             self._check_input(key, value)  # raises with the reason
         window_key, window_value = self.window_key, self.window_value
         args = (self.pool.k_codes, self.pool.k_meta, self.pool.v_codes, self.pool.v_meta, self.block_table,

@@ -51,6 +51,11 @@ def saw_int4_attention_forward(
         chunk_key, chunk_value = key[:, :, view.chunk_start :], value[:, :, view.chunk_start :]
     if view.past_length is None:
         out = layer.store.attend_on_device(query, chunk_key, chunk_value, attention_mask, scaling, softcap, s_aux)
+    elif view.past_length == 0 and softcap is None and s_aux is None:
+        # Nothing cached yet (a prompt's first forward): exact attention over the chunk alone, exactly as
+        # attn_implementation="sdpa" computes it (flash attention on CUDA), not the paged kernel's raw-token loop.
+        mask = attention_mask[..., : chunk_key.shape[2]] if attention_mask is not None else None
+        return sdpa_attention_forward(module, query, chunk_key, chunk_value, mask, scaling=scaling, **kwargs)
     else:
         out = layer.store.attend(query, chunk_key, chunk_value, view.past_length, attention_mask, scaling, softcap,
                                  s_aux)
