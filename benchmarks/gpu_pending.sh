@@ -20,4 +20,4 @@ step bench_decode 590 python -m saw_kvcache.cli bench --model llama3-8b --cases 
     --out "$OUT/bench_decode" --no-progress
 # Prefill of a 16k prompt, and the largest batch at 32k tokens of context.
 step bench_prefill_capacity 590 python -m saw_kvcache.cli bench --model llama3-8b --cases 1x16384 --new-tokens 4 \
-    --methods saw-eager,dynamic --capacity-context 32768 --capacity search --out "$OUT/bench_capacity" --no-progress
+    --methods saw-eager,saw-compiled,dynamic --capacity-context 32768 --capacity search --out "$OUT/bench_capacity" --no-progress
