@@ -1,6 +1,8 @@
-"""Instructions in the decode attention kernel's loops, read from its SASS for sm_90, on the CPU (no GPU).
+"""Instructions in the decode attention kernel's loops (or the whole write kernel), read from their SASS for sm_90,
+on the CPU (no GPU).
 
     python benchmarks/sass_counts.py [--block-n 256] [--maxnreg N]
+    python benchmarks/sass_counts.py --kernel write [--hadamard-block 64] [--butterfly gather]
 
 Records the launch of one decode call (bfloat16, 32 query heads, 8 KV heads, head dim 128, 4,096 paged tokens,
 hadamard_block 64) through the real launcher, compiles it for sm_90 with Triton's bundled ptxas
@@ -8,7 +10,8 @@ hadamard_block 64) through the real launcher, compiles it for sm_90 with Triton'
 instructions per warp per iteration and the most frequent opcodes, plus registers and stack. A loop is the range
 from a label to a backward branch to it; the first one is the INT4 page loop. Integer arguments are compiled
 without the divisibility-by-16 specialization a real launch gets, so the window loop's loads show up narrower
-than on a GPU; the page loop's do not depend on it.
+than on a GPU; the page loop's do not depend on it. `--kernel write` compiles the write of 16,384 tokens of the same
+shape and counts the whole kernel (it has no loop).
 """
 
 from __future__ import annotations
@@ -50,11 +53,46 @@ def loops(cubin: str):
     return found
 
 
+def disassemble(compiled, tmp: str) -> tuple[str, str]:
+    """(nvdisasm listing, cuobjdump resource usage) of a compiled kernel."""
+    cubin = os.path.join(tmp, "k.cubin")
+    with open(cubin, "wb") as f:
+        f.write(compiled.asm["cubin"])
+    usage = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", cubin], capture_output=True, text=True).stdout
+    return cubin, usage
+
+
+def write_counts(hadamard_block: int, butterfly: str) -> None:
+    triton_kernels.TUNING["write_butterfly"] = butterfly
+    triton_kernels._write_kernel = hopper.Recorder(triton_kernels._write_kernel)
+    h, d, tokens = 8, 128, 16384
+    pool = hopper.pool(tokens // 64 + 1, h, 64, d, torch.bfloat16)
+    x = torch.randn(1, h, tokens, d).to(torch.bfloat16)
+    triton_kernels.write_pages(pool, torch.arange(tokens // 64, dtype=torch.int32).view(1, -1), 0, x, x, None, None,
+                               hadamard_block, True)
+    kernel, launch_args, kwargs = hopper.launches[0]
+    compiled = hopper.compile_launch(kernel, launch_args, kwargs)
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin, usage = disassemble(compiled, tmp)
+        text = subprocess.run([os.path.join(BIN, "nvdisasm"), "-c", cubin], capture_output=True, text=True).stdout
+    body = [m.group(1) for line in text.splitlines() if (m := re.match(r"^\s*/\*[0-9a-f]{4,}\*/\s+(.*?);", line))]
+    ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in body)
+    regs = re.search(r"REG:(\d+)", usage).group(1)
+    print(f"write kernel, hadamard_block {hadamard_block}, butterfly {butterfly}, {kwargs['T']} tokens per program: "
+          f"{len(body)} instructions per warp, {regs} registers; "
+          + ", ".join(f"{k} {v}" for k, v in ops.most_common(10)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kernel", choices=["decode", "write"], default="decode")
+    parser.add_argument("--hadamard-block", type=int, default=64, help="write kernel: rotation block (0: none)")
+    parser.add_argument("--butterfly", default="gather", help="write kernel: TUNING['write_butterfly']")
     parser.add_argument("--block-n", type=int, default=None, help="TUNING['decode_block_n'] (default: as tuned)")
     parser.add_argument("--maxnreg", type=int, default=None, help="register cap per thread")
     args = parser.parse_args()
+    if args.kernel == "write":
+        return write_counts(args.hadamard_block, args.butterfly)
     if args.block_n:
         triton_kernels.TUNING["decode_block_n"] = args.block_n
     if args.maxnreg:
@@ -71,10 +109,7 @@ def main() -> None:
     kernel, launch_args, kwargs = next(l for l in hopper.launches if l[0].__name__ == "_attention_kernel")
     compiled = hopper.compile_launch(kernel, launch_args, kwargs)
     with tempfile.TemporaryDirectory() as tmp:
-        cubin = os.path.join(tmp, "k.cubin")
-        with open(cubin, "wb") as f:
-            f.write(compiled.asm["cubin"])
-        usage = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", cubin], capture_output=True, text=True).stdout
+        cubin, usage = disassemble(compiled, tmp)
         found = loops(cubin)
     regs, stack = re.search(r"REG:(\d+)", usage).group(1), re.search(r"STACK:(\d+)", usage).group(1)
     print(f"decode kernel, BLOCK_N {kwargs['BLOCK_N']}: {regs} registers, {stack} bytes of stack, "
