@@ -369,3 +369,18 @@ def test_triton_backend_static_equals_dynamic_with_capacity_wide_masks():
     static = generate(model, cache, ids, max_new_tokens=4)
     assert torch.equal(static, dynamic)
     assert cache.layers[0].get_mask_sizes(1) == (64, 0)
+
+
+def test_appends_with_lengths_on_the_device_reject_mismatched_states():
+    _, static = store_pair(0, max_batch_size=2, max_cache_len=64)
+    static.append(*kv(2, 10))
+    with pytest.raises(ValueError, match=r"batch size changed from 2 to 1"):
+        static.append_on_device(*kv(1, 1))
+    with pytest.raises(ValueError, match=r"do not match the cached"):
+        static.append_on_device(*kv(2, 1, h=3))
+    key, value = kv(2, 1)
+    with pytest.raises(ValueError, match=r"keys .* and values .* must have the same shape"):
+        static.append_on_device(key, value[:, :1])
+    with pytest.raises(ValueError, match=r"exceed this static cache's max_cache_len=64"):
+        static.append_on_device(*kv(2, 60))
+    assert static.length == 10

@@ -436,8 +436,10 @@ class PagedKVStore:
         """append() for a static store that already holds this batch's tokens."""
         n = key.shape[2]
         if (key.shape != (self.batch_size, self.num_heads, n, self.head_dim) or key.dtype != self.dtype
-                or key.device != self.device or value.shape != key.shape or value.dtype != key.dtype):
-            self._check_input(key, value)  # raises with the reason
+                or key.device != self.device or value.shape != key.shape or value.dtype != key.dtype
+                or value.device != key.device):
+            self._check_input(key, value)  # raises with the reason, except for the last one:
+            raise ValueError(f"SawInt4Cache layer {self.layer_idx}: keys on {key.device} but values on {value.device}")
         window_key, window_value = self.window_key, self.window_value
         args = (self.pool.k_codes, self.pool.k_meta, self.pool.v_codes, self.pool.v_meta, self.block_table,
                 self._state, window_key, window_value, key, value, self.key_mean, self.value_mean,
