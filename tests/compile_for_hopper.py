@@ -108,7 +108,8 @@ def calls():
 
 def main() -> int:
     triton_kernels._programs_wanted = lambda device: 2 * 132  # split like on an H200, so the merge kernel runs
-    for name in ("_attention_kernel", "_merge_splits_kernel", "_write_kernel", "_dequantize_kernel"):
+    for name in ("_attention_kernel", "_merge_splits_kernel", "_write_kernel", "_dequantize_kernel",
+                 "_ring_write_kernel", "_advance_state_kernel"):
         setattr(triton_kernels, name, Recorder(getattr(triton_kernels, name)))
     failures = 0
     for label, call in calls():

@@ -862,13 +862,55 @@ def write_pages(pool, block_table, start, key, value, key_mean, value_mean, hada
         return _write_pages(pool, block_table, start, key, value, key_mean, value_mean, hadamard_block, rotate_values)
 
 
+@triton.jit
+def _ring_write_kernel(XK, XV, s_xb, s_xh, s_xn, WK, WV, s_wb, s_wh, s_wn, STATE, n, kept, H,
+                       R: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr):
+    """The newest `kept` = min(n, R) chunk tokens of one (sequence, head) into their window ring slots
+    (length + j) % R, program_id(1) 0 for keys, 1 for values. Reads STATE, which _advance_state_kernel changes
+    only after this launch."""
+    b = tl.program_id(0) // H
+    h = tl.program_id(0) % H
+    i = tl.arange(0, BLOCK)
+    j = n - kept + i
+    d = tl.arange(0, D)
+    ok = (i < kept)[:, None]
+    slot = (tl.load(STATE) + j) % R
+    src = b * s_xb + h * s_xh + j[:, None] * s_xn + d[None, :]
+    dst = b * s_wb + h * s_wh + slot[:, None] * s_wn + d[None, :]
+    if tl.program_id(1) == 0:
+        tl.store(WK + dst, tl.load(XK + src, mask=ok), mask=ok)
+    else:
+        tl.store(WV + dst, tl.load(XV + src, mask=ok), mask=ok)
+
+
+@triton.jit
+def _advance_state_kernel(STATE, n, R: tl.constexpr):
+    length = tl.load(STATE) + n
+    tl.store(STATE + 1, tl.maximum(tl.load(STATE + 1), length - R))
+    tl.store(STATE, length)
+
+
 def append_from_state(pool, block_table, state, window_key, window_value, key, value, key_mean, value_mean,
                       hadamard_block, rotate_values) -> None:
-    """Same contract as reference.append_from_state: one write launch reads the lengths from `state`."""
+    """Same contract as reference.append_from_state, in three launches (evictions and their encoding, the window
+    ring, the lengths) instead of the reference's dozen small torch ops."""
+    b, h, n, d = key.shape
+    ring = window_key.shape[2] if window_key is not None else 0
     with _on_device(key):
         _write_pages(pool, block_table, 0, key, value, key_mean, value_mean, hadamard_block, rotate_values,
                      state, window_key, window_value)
-        advance_window_and_state(state, window_key, window_value, key, value)
+        kept = min(n, ring)
+        if kept and (key.stride() != value.stride() or key.stride(-1) != 1
+                     or window_key.stride() != window_value.stride() or window_key.stride(-1) != 1):
+            advance_window_and_state(state, window_key, window_value, key, value)  # layouts the kernel does not take
+            return
+        if kept:
+            _ring_write_kernel[(b * h, 2)](
+                key, value, key.stride(0), key.stride(1), key.stride(2),
+                window_key, window_value, window_key.stride(0), window_key.stride(1), window_key.stride(2),
+                state, n, kept, h, R=ring, BLOCK=_next_pow2(kept), D=d,
+            )
+        _advance_state_kernel[(1,)](state, n, R=ring)
 
 
 def dequantize_pages(pool, block_table, num_tokens, key_mean, value_mean, hadamard_block, rotate_values, dtype):
