@@ -73,39 +73,32 @@ class PagedKVStore:
         if self.pool is not None and not self.static:
             self.free_pages = list(range(self.pool.k_codes.shape[0] - 1, -1, -1))
 
-    @property
-    def length(self) -> int:
-        """Tokens per sequence."""
-        if self._host_stale:
-            self._pull_state()
-        return self._length
-
-    @length.setter
-    def length(self, value: int) -> None:
-        if self._host_stale:
-            self._pull_state()
-        self._length = value
-        if self._state is not None:
-            self._state[0].fill_(value)
-
-    @property
-    def num_paged(self) -> int:
-        """Positions [0, num_paged) of every sequence are in the INT4 pages, the rest in the window."""
-        if self._host_stale:
-            self._pull_state()
-        return self._num_paged
-
-    @num_paged.setter
-    def num_paged(self, value: int) -> None:
-        if self._host_stale:
-            self._pull_state()
-        self._num_paged = value
-        if self._state is not None:
-            self._state[1].fill_(value)
-
     def _pull_state(self) -> None:
         self._length, self._num_paged = (int(x) for x in self._state.tolist())
         self._host_stale = False
+
+    def _mirrored(index: int, attribute: str, doc: str):  # noqa: N805  (builds the two properties below)
+        """A number kept on the host and, in static mode, in `_state[index]` on the device: setting it sets both;
+        reading it after compiled steps (which advance only the device copy) reads the device once."""
+
+        def get(store: "PagedKVStore") -> int:
+            if store._host_stale:
+                store._pull_state()
+            return getattr(store, attribute)
+
+        def set_(store: "PagedKVStore", value: int) -> None:
+            if store._host_stale:
+                store._pull_state()
+            setattr(store, attribute, value)
+            if store._state is not None:
+                store._state[index].fill_(value)
+
+        return property(get, set_, doc=doc)
+
+    length = _mirrored(0, "_length", "Tokens per sequence.")
+    num_paged = _mirrored(1, "_num_paged", "Positions [0, num_paged) of every sequence are in the INT4 pages, the rest "
+                                           "in the window.")
+    del _mirrored
 
     @property
     def page_size(self) -> int:
@@ -440,30 +433,29 @@ class PagedKVStore:
                 or value.device != key.device):
             self._check_input(key, value)  # raises with the reason, except for the last one:
             raise ValueError(f"SawInt4Cache layer {self.layer_idx}: keys on {key.device} but values on {value.device}")
-        window_key, window_value = self.window_key, self.window_value
-        args = (self.pool.k_codes, self.pool.k_meta, self.pool.v_codes, self.pool.v_meta, self.block_table,
-                self._state, window_key, window_value, key, value, self.key_mean, self.value_mean,
-                self.config.hadamard_block, self.config.rotate_values)
+        rest = (self.block_table, self._state, self.window_key, self.window_value, key, value, self.key_mean,
+                self.value_mean, self.config.hadamard_block, self.config.rotate_values)
         if torch.compiler.is_compiling():
             # No host check of the capacity without a sync: a device-side assert instead (generate() checks first).
             torch._assert_async(self._state[0] <= self.max_cache_len - n)
-            torch.ops.saw_kvcache.append_from_state(self.backend.name, *args)
+            torch.ops.saw_kvcache.append_from_state(self.backend.name, *self.pool, *rest)
             self._host_stale = True
             return
         if self.length + n > self.max_cache_len:
             self._raise_capacity(key.shape[0], n)
-        self.backend.append_from_state(reference.PagedKV(*args[:4]), *args[4:])
+        self.backend.append_from_state(self.pool, *rest)
         self._length += n
         self._num_paged = max(self._num_paged, self._length - self.config.residual_length)
 
     def attend_on_device(self, query, chunk_key, chunk_value, mask, scaling, softcap=None, sinks=None):
         """attend() right after append_on_device of this chunk."""
-        args = (self.block_table, self._state, self.max_cache_len, self.window_key, self.window_value, chunk_key,
-                chunk_value, mask, scaling, softcap, sinks, self.key_mean, self.value_mean,
-                self.config.hadamard_block, self.config.rotate_values)
+        cached = (self.window_key, self.window_value, chunk_key, chunk_value, mask, scaling, softcap, sinks,
+                  self.key_mean, self.value_mean, self.config.hadamard_block, self.config.rotate_values)
         if torch.compiler.is_compiling():
-            return torch.ops.saw_kvcache.attention_from_state(self.backend.name, query, *self.pool, *args)
-        return self.backend.paged_attention(query, self.pool, *args[:1], *args[2:], state=self._state)
+            return torch.ops.saw_kvcache.attention_from_state(
+                self.backend.name, query, *self.pool, self.block_table, self._state, self.max_cache_len, *cached)
+        return self.backend.paged_attention(query, self.pool, self.block_table, self.max_cache_len, *cached,
+                                            state=self._state)
 
     def _window(self, start: int, stop: int):
         """Full-precision keys/values of positions [start, stop) (all in the window), in position order."""

@@ -1,7 +1,8 @@
 """The backend seam: each cache operation is looked up here per backend.
 
 A backend provides the same four functions with the same signatures as ``reference``:
-``write_pages``, ``append_from_state``, ``paged_attention`` and ``dequantize_pages``. The cache calls them only through ``get_backend``.
+``write_pages``, ``append_from_state``, ``paged_attention`` and ``dequantize_pages``. The cache calls them only
+through ``get_backend``.
 """
 
 from __future__ import annotations

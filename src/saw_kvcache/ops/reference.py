@@ -193,24 +193,18 @@ def attention_lengths(state: torch.Tensor, chunk_tokens: int, ring: int) -> tupl
     return num_paged, num_paged % ring if ring else 0, past - num_paged
 
 
-def evicted_states(state: torch.Tensor, window: Optional[torch.Tensor], chunk: torch.Tensor):
-    """(start, states) of the tokens that appending `chunk` [B, H, n, D] moves into the pages: positions
-    [num_paged, max(num_paged, length + n - R)), from the window's ring (positions < length) or the chunk."""
-    length, paged = (int(x) for x in state.tolist())
-    ring = window.shape[2] if window is not None else 0
-    n = chunk.shape[2]
-    stop = max(paged, length + n - ring)
+def _evicted(window: Optional[torch.Tensor], chunk: torch.Tensor, length: int, paged: int, stop: int):
+    """Positions [paged, stop) in order: from the window's ring (positions < length) or from the chunk."""
     positions = torch.arange(paged, stop, device=chunk.device)
     from_window = positions[positions < length]
-    parts = [window[:, :, from_window % ring]] if from_window.numel() else []
+    parts = [window[:, :, from_window % window.shape[2]]] if from_window.numel() else []
     parts.append(chunk[:, :, max(paged - length, 0) : max(stop - length, 0)])
-    return paged, torch.cat(parts, 2) if len(parts) > 1 else parts[0]
+    return torch.cat(parts, 2) if len(parts) > 1 else parts[0]
 
 
 def advance_window_and_state(state, window_key, window_value, key, value) -> None:
     """After the evicted tokens were written to the pages: put the newest min(n, R) chunk tokens into their ring
-    slots and advance state to [length + n, max(num_paged, length + n - R)]. Device-side torch ops only (no host
-    sync); shared by both backends."""
+    slots and advance state to [length + n, max(num_paged, length + n - R)], with device-side torch ops."""
     n = key.shape[2]
     ring = window_key.shape[2] if window_key is not None else 0
     if ring:
@@ -226,12 +220,15 @@ def advance_window_and_state(state, window_key, window_value, key, value) -> Non
 def append_from_state(pool, block_table, state, window_key, window_value, key, value, key_mean, value_mean,
                       hadamard_block, rotate_values) -> None:
     """Append key/value [B, H, n, D] to a cache whose lengths are `state` = [length, num_paged] on the device:
-    tokens leaving the window (ring buffer [B, H, R, D], or None) are encoded into the pages, the chunk's newest
-    tokens enter the window, and state advances. Same results as the host-side bookkeeping of PagedKVStore."""
-    start, evicted_key = evicted_states(state, window_key, key)
-    if evicted_key.shape[2]:
-        _, evicted_value = evicted_states(state, window_value, value)
-        write_pages(pool, block_table, start, evicted_key, evicted_value, key_mean, value_mean, hadamard_block,
+    tokens leaving the window (ring buffer [B, H, R, D], or None) are encoded into the pages (positions
+    [num_paged, max(num_paged, length + n - R))), the chunk's newest tokens enter the window, and state advances.
+    Same results as the host-side bookkeeping of PagedKVStore."""
+    length, paged = (int(x) for x in state.tolist())
+    ring = window_key.shape[2] if window_key is not None else 0
+    stop = max(paged, length + key.shape[2] - ring)
+    if stop > paged:
+        write_pages(pool, block_table, paged, _evicted(window_key, key, length, paged, stop),
+                    _evicted(window_value, value, length, paged, stop), key_mean, value_mean, hadamard_block,
                     rotate_values)
     advance_window_and_state(state, window_key, window_value, key, value)
 

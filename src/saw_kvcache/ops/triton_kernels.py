@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import PagedKV, advance_window_and_state, hadamard_scale
+from .reference import PagedKV, hadamard_scale
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Launch settings, chosen by `benchmarks/bench_kernels.py --sweep` on an H200 (docs/kernel_notes.md).
@@ -239,8 +239,6 @@ def _write_pages(
     key = key if key.stride(-1) == 1 else key.contiguous()
     value = value if value.stride(-1) == 1 else value.contiguous()
     v_block = hadamard_block if rotate_values else 0
-    if state is not None and window_key is not None and window_key.stride() != window_value.stride():
-        raise ValueError("append_from_state: the key and value windows must have the same strides")
     wk, wv = (key, value) if window_key is None else (window_key, window_value)
     _write_kernel[(_cdiv(n, tokens), b * h, 2)](
         key, key.stride(0), key.stride(1), key.stride(2),
@@ -863,7 +861,7 @@ def write_pages(pool, block_table, start, key, value, key_mean, value_mean, hada
 
 
 @triton.jit
-def _ring_write_kernel(XK, XV, s_xb, s_xh, s_xn, WK, WV, s_wb, s_wh, s_wn, STATE, n, kept, H,
+def _ring_write_kernel(XK, s_kb, s_kh, s_kn, XV, s_vb, s_vh, s_vn, WK, WV, s_wb, s_wh, s_wn, STATE, n, kept, H,
                        R: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr):
     """The newest `kept` = min(n, R) chunk tokens of one (sequence, head) into their window ring slots
     (length + j) % R, program_id(1) 0 for keys, 1 for values. Reads STATE, which _advance_state_kernel changes
@@ -874,13 +872,11 @@ def _ring_write_kernel(XK, XV, s_xb, s_xh, s_xn, WK, WV, s_wb, s_wh, s_wn, STATE
     j = n - kept + i
     d = tl.arange(0, D)
     ok = (i < kept)[:, None]
-    slot = (tl.load(STATE) + j) % R
-    src = b * s_xb + h * s_xh + j[:, None] * s_xn + d[None, :]
-    dst = b * s_wb + h * s_wh + slot[:, None] * s_wn + d[None, :]
+    dst = b * s_wb + h * s_wh + ((tl.load(STATE) + j) % R)[:, None] * s_wn + d[None, :]
     if tl.program_id(1) == 0:
-        tl.store(WK + dst, tl.load(XK + src, mask=ok), mask=ok)
+        tl.store(WK + dst, tl.load(XK + b * s_kb + h * s_kh + j[:, None] * s_kn + d[None, :], mask=ok), mask=ok)
     else:
-        tl.store(WV + dst, tl.load(XV + src, mask=ok), mask=ok)
+        tl.store(WV + dst, tl.load(XV + b * s_vb + h * s_vh + j[:, None] * s_vn + d[None, :], mask=ok), mask=ok)
 
 
 @triton.jit
@@ -894,21 +890,21 @@ def append_from_state(pool, block_table, state, window_key, window_value, key, v
                       hadamard_block, rotate_values) -> None:
     """Same contract as reference.append_from_state, in three launches (evictions and their encoding, the window
     ring, the lengths) instead of the reference's dozen small torch ops."""
+    if window_key is not None and (window_key.stride() != window_value.stride() or window_key.stride(-1) != 1):
+        raise ValueError("append_from_state: the key and value windows need the same strides, the last one 1")
+    key = key if key.stride(-1) == 1 else key.contiguous()
+    value = value if value.stride(-1) == 1 else value.contiguous()
     b, h, n, d = key.shape
     ring = window_key.shape[2] if window_key is not None else 0
     with _on_device(key):
         _write_pages(pool, block_table, 0, key, value, key_mean, value_mean, hadamard_block, rotate_values,
                      state, window_key, window_value)
-        kept = min(n, ring)
-        if kept and (key.stride() != value.stride() or key.stride(-1) != 1
-                     or window_key.stride() != window_value.stride() or window_key.stride(-1) != 1):
-            advance_window_and_state(state, window_key, window_value, key, value)  # layouts the kernel does not take
-            return
-        if kept:
+        if ring:
+            kept = min(n, ring)
             _ring_write_kernel[(b * h, 2)](
-                key, value, key.stride(0), key.stride(1), key.stride(2),
-                window_key, window_value, window_key.stride(0), window_key.stride(1), window_key.stride(2),
-                state, n, kept, h, R=ring, BLOCK=_next_pow2(kept), D=d,
+                key, key.stride(0), key.stride(1), key.stride(2), value, value.stride(0), value.stride(1),
+                value.stride(2), window_key, window_value, window_key.stride(0), window_key.stride(1),
+                window_key.stride(2), state, n, kept, h, R=ring, BLOCK=_next_pow2(kept), D=d,
             )
         _advance_state_kernel[(1,)](state, n, R=ring)
 
