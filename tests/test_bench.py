@@ -73,3 +73,31 @@ def test_kv_bytes_counts_each_storage_once():
     cache.update(k, k.clone(), 0)
     assert kv_bytes(cache) == (2 * 5 * 8 * 4 * 2, 2 * 5 * 8 * 4 * 2)
     assert set(all_methods({})) >= {"saw-eager", "saw-compiled", "dynamic", "static-compiled", "quanto", "hqq"}
+
+
+def test_bench_prefills_in_chunks_of_prefill_chunk_tokens(monkeypatch):
+    from saw_kvcache import bench
+
+    lengths = []
+    build = bench.build_model
+
+    def build_and_watch(*args, **kwargs):
+        model = build(*args, **kwargs)
+        model.model.register_forward_pre_hook(
+            lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+        return model
+
+    monkeypatch.setattr(bench, "build_model", build_and_watch)
+    result = bench.run_bench(
+        "tiny", cases=[(2, 40)], methods=["saw-eager", "dynamic"], new_tokens=2, layers=1, warm=False,
+        saw_fields=dict(residual_length=0, page_size=16, backend="torch"), capacity_context=None,
+        prefill_chunk=16, progress=False,
+    )
+    assert [r["status"] for r in result["rows"]] == ["ok", "ok"]
+    assert result["meta"]["prefill_chunk"] == 16
+    per_method = len(lengths) // 2
+    assert lengths[:per_method] == lengths[per_method:]
+    prefill, decode = lengths[: per_method - 1], lengths[per_method - 1 : per_method]
+    assert max(prefill) == 16 and sum(prefill) == 40 and decode == [1]
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        bench.run_bench("tiny", prefill_chunk=0, progress=False)

@@ -384,3 +384,26 @@ def test_appends_with_lengths_on_the_device_reject_mismatched_states():
     with pytest.raises(ValueError, match=r"exceed this static cache's max_cache_len=64"):
         static.append_on_device(*kv(2, 60))
     assert static.length == 10
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_compiled_generate_with_chunked_prefill_equals_eager(backend):
+    """generate(prefill_chunk_size=...) also compiles the prefill chunks of a compileable cache: the first chunk
+    (which allocates the static buffers) runs outside the graph, later chunks and decode steps inside it."""
+    from transformers import CompileConfig
+
+    model = tiny_model("llama", head_dim=32)
+    model.set_attn_implementation("saw_int4")
+    cfg = SawInt4Config(hadamard_block=32, residual_length=8, page_size=PAGE, backend=backend)
+    ids = torch.randint(3, 160, (2, 37))
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0, prefill_chunk_size=16)
+    with torch.no_grad():
+        eager = model.generate(ids, **cache_kwargs(SawInt4Cache(cfg, max_batch_size=2, max_cache_len=48)),
+                               disable_compile=True, **kwargs)
+    compile_config = CompileConfig(backend="aot_eager")
+    compile_config._compile_all_devices = True
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = model.generate(ids, **cache_kwargs(SawInt4Cache(cfg, max_batch_size=2, max_cache_len=48)),
+                                  compile_config=compile_config, **kwargs)
+    assert torch.equal(compiled, eager)

@@ -17,6 +17,7 @@ the block table never changes. Appending beyond the capacity raises before anyth
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -29,6 +30,22 @@ from .ops import compiled as _custom_ops  # noqa: F401  (registers torch.ops.saw
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The pool grows by at least this fraction of its size, so growth copies are rare (amortized O(1) per token).
 POOL_GROWTH = 0.5
+
+
+# center_keys="auto" decides per head from at most this many tokens of the first forward.
+AUTO_SAMPLE_TOKENS = 4096
+
+
+@functools.lru_cache(maxsize=None)
+def _hadamard_on(block: int, device: torch.device) -> torch.Tensor:
+    return reference.hadamard_matrix(block, device)  # copied to the device once, not at every first forward
+
+
+def _rotate_by_matmul(x: torch.Tensor, block: int) -> torch.Tensor:
+    """reference.rotate up to rounding, as one matmul per block (for decisions, not for stored values)."""
+    if not block:
+        return x
+    return (x.reshape(*x.shape[:-1], -1, block) @ _hadamard_on(block, x.device)).reshape(x.shape)
 
 
 class PagedKVStore:
@@ -366,14 +383,18 @@ class PagedKVStore:
     @staticmethod
     def _mean_for(x: torch.Tensor, mode, block: int) -> Optional[torch.Tensor]:
         """Per-KV-head mean [H, D] of the first forward's tokens; with "auto", zero for the heads where centering
-        does not at least halve the mean per-token range of the rotated vectors."""
+        does not at least halve the mean per-token range of the rotated vectors (ranges averaged over at most
+        AUTO_SAMPLE_TOKENS evenly spaced tokens)."""
         if mode is False:
             return None
         xf = x.float()
         mean = xf.mean(dim=(0, 2))
         if mode == "auto":
-            rotated = reference.rotate(xf, block)
-            centered = reference.rotate(xf - mean[None, :, None, :], block)
+            # A long prompt's first forward would otherwise spend more time here than in its write kernel: the
+            # ranges come from a sample of tokens, rotated by one matmul (centered = rotated - rotated mean).
+            step = -(-x.shape[2] // AUTO_SAMPLE_TOKENS)
+            rotated = _rotate_by_matmul(xf[:, :, ::step], block)
+            centered = rotated - _rotate_by_matmul(mean, block)[None, :, None, :]
             span = lambda y: (y.amax(-1) - y.amin(-1)).mean(dim=(0, 2))  # noqa: E731
             keep = span(centered) <= 0.5 * span(rotated)
             if not bool(keep.any()):

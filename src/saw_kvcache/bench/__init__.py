@@ -76,6 +76,7 @@ def run_bench(
     capacity_memory_gb: Optional[float] = None,
     compile_mode: str = "reduce-overhead",
     compile_backend: str = "inductor",
+    prefill_chunk: Optional[int] = None,
     out_dir: Optional[str] = None,
     name: str = "bench",
     progress: bool = True,
@@ -87,8 +88,12 @@ def run_bench(
     on CUDA), "float16" or "float32" (default on the CPU). capacity_mode: "search" tries batches (a cache filled
     with random keys/values, then real decode steps; CUDA only), "estimate" divides the free memory by the
     measured KV bytes per token, "auto" is search on CUDA and estimate elsewhere; capacity_context=None skips it.
+    prefill_chunk: generate()'s prefill_chunk_size (the prompt in forwards of that many tokens per sequence, for
+    cases whose one-forward prefill does not fit in memory); None: the whole prompt in one forward.
     Returns {"meta", "cases", "rows", "ratios", "capacity", "skipped", "outputs"}.
     """
+    if prefill_chunk is not None and prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk must be a positive number of tokens, got {prefill_chunk}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     unknown = [m for m in methods if m not in all_methods({})]
@@ -123,7 +128,8 @@ def run_bench(
                     row = dict(method=method.key, label=method.label, batch=batch, context=context,
                                new_tokens=new_tokens, status="skipped", note=f"after: {failed}")
                 else:
-                    row = run_case(net, method, batch, context, new_tokens, dev, compile_mode, compile_backend)
+                    row = run_case(net, method, batch, context, new_tokens, dev, compile_mode, compile_backend,
+                                   prefill_chunk)
                     if row["status"] == "unsupported":
                         failed = row["note"]
                 rows.append(dict(row, **{"pass": which}))
@@ -138,7 +144,7 @@ def run_bench(
             device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU",
             torch=torch.__version__, transformers=transformers.__version__, saw_kvcache=_version(), commit=_commit(),
             new_tokens=new_tokens, saw_config=saw_config_for(net, saw_fields).to_dict(),
-            compile=dict(mode=compile_mode, backend=compile_backend), command=command or "run_bench(...)",
+            compile=dict(mode=compile_mode, backend=compile_backend), prefill_chunk=prefill_chunk, command=command or "run_bench(...)",
         ),
         cases=cases, rows=rows, ratios=_ratios(rows, runnable, cases), capacity=capacity, skipped=skipped,
     )

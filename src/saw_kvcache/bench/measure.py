@@ -55,8 +55,10 @@ def _short(error: BaseException) -> str:
 
 
 def run_case(model, method: Method, batch: int, context: int, new_tokens: int, device: torch.device,
-             compile_mode: str = "reduce-overhead", compile_backend: str = "inductor") -> dict:
-    """generate() `new_tokens` tokens after a random prompt of `context` tokens, for `batch` sequences.
+             compile_mode: str = "reduce-overhead", compile_backend: str = "inductor",
+             prefill_chunk: Optional[int] = None) -> dict:
+    """generate() `new_tokens` tokens after a random prompt of `context` tokens, for `batch` sequences (with
+    `prefill_chunk`, generate() prefills that many tokens per forward).
 
     Returns prefill seconds (generate() call to the first token's logits), decode milliseconds per step (median
     of the later steps), decode tokens/s (batch / that median), the first decode step (compilation shows up
@@ -79,6 +81,7 @@ def run_case(model, method: Method, batch: int, context: int, new_tokens: int, d
             model.generate(
                 ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                 do_sample=False, logits_processor=LogitsProcessorList([timer]), **cache_kwargs(cache),
+                **(dict(prefill_chunk_size=prefill_chunk) if prefill_chunk else {}),
                 **generate_kwargs(method, device, compile_mode, compile_backend),
             )
         synchronize(device)

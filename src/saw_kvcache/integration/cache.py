@@ -89,6 +89,13 @@ class SawInt4Layer(CacheLayerMixin):
             self.awaiting_saw_attention = True
             key_states._saw_view = SawView(self, None, 0)
             return key_states, value_states
+        if torch.compiler.is_compiling():
+            # generate(prefill_chunk_size=...) compiles the prefill chunks of a compileable cache too: the first
+            # chunk allocates the static buffers (fixed addresses) and estimates the means, outside the graph.
+            return self._update_outside_graph(key_states, value_states)
+        return self._update_on_host(key_states, value_states)
+
+    def _update_on_host(self, key_states: torch.Tensor, value_states: torch.Tensor):
         past = self.store.append(key_states, value_states)
         self.is_initialized = True
         self.device = key_states.device
@@ -107,6 +114,8 @@ class SawInt4Layer(CacheLayerMixin):
             keys, values, chunk_start = key_states, value_states, 0
         keys._saw_view = SawView(self, past, chunk_start)
         return keys, values
+
+    _update_outside_graph = torch.compiler.disable(_update_on_host)
 
     def get_mask_sizes(self, query_length, *args, **kwargs) -> tuple[int, int]:
         if isinstance(query_length, torch.Tensor):  # older signature: cache_position

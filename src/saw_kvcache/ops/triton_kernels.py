@@ -120,7 +120,9 @@ def _round_to(x, ty: tl.constexpr):
 # ------------------------------------------------------------------------------------------------------------------
 
 
-@triton.jit
+# Arguments that change at every decode step are not specialized (Triton would otherwise compile a kernel for each
+# of "divisible by 16", "equal to 1" and "other", so the first decode steps of a user's first call each compiled).
+@triton.jit(do_not_specialize=["start"])
 def _write_kernel(
     XK, s_kb, s_kh, s_kn, KMEAN, KC, KM, WK,
     XV, s_vb, s_vh, s_vn, VMEAN, VC, VM, WV,
@@ -477,7 +479,7 @@ def _tile_loads(KC, KM, VC, VM, page, tile, stop, cols, h, H, D: tl.constexpr, B
     return k_codes, v_codes, k_meta, v_meta
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["win_start", "n_win", "sm_b", "sm_q", "num_paged", "n_raw", "total", "tiles_per_split"])
 def _attention_kernel(
     Q, sq_b, sq_h, sq_n,
     KC, KM, VC, VM, BT, s_bt,
