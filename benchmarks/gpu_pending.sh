@@ -13,11 +13,8 @@ step() {  # step NAME SECONDS COMMAND...: run, keep the log, print the tail
     echo "== $name: exit $?"
     grep -E "passed|failed|FAILED|^\|" "$OUT/$name.log" | tail -20
 }
-step smollm2_gpu_tests 300 python -m pytest -q -p no:cacheprovider tests/test_smollm2.py -k gpu
-step greedy_divergence 300 python benchmarks/greedy_divergence.py --tokens 64
-step bench_decode 590 python -m saw_kvcache.cli bench --model llama3-8b --cases 1x8192,16x8192,64x8192 \
-    --new-tokens 16 --methods saw-compiled,static-compiled,saw-eager,dynamic --no-warm --capacity-context 0 \
-    --out "$OUT/bench_decode" --no-progress
-# Prefill of a 16k prompt, and the largest batch at 32k tokens of context.
-step bench_prefill_capacity 590 python -m saw_kvcache.cli bench --model llama3-8b --cases 1x16384 --new-tokens 4 \
-    --methods saw-eager,saw-compiled,dynamic --capacity-context 32768 --capacity search --out "$OUT/bench_capacity" --no-progress
+# Greedy paths in bfloat16 against two full-precision attentions (did not finish in 120 s).
+step greedy_divergence 400 python benchmarks/greedy_divergence.py --tokens 64
+# Compiled SawInt4Cache against warm eager DynamicCache at 1 x 8k in one run (the 3x goal); StaticCache compiled too.
+step bench_1x8k 500 python -m saw_kvcache.cli bench --model llama3-8b --cases 1x8192,16x8192 --new-tokens 16 \
+    --methods saw-compiled,static-compiled,saw-eager,dynamic --capacity-context 0 --out "$OUT/bench_8k" --no-progress
