@@ -542,6 +542,33 @@ def test_store_pool_growth_keeps_old_pages_intact():
     assert torch.equal(k, ek) and torch.equal(v, ev)
 
 
+def test_a_pool_growth_that_runs_out_of_memory_keeps_the_cache_readable_and_growable(monkeypatch):
+    keys, values = kv(2, 2, 120)
+    store = make_store(0, center_keys=True)
+    store.append(keys[:, :, :20], values[:, :, :20])
+    real_empty, calls = torch.empty, []
+
+    def empty_failing_third(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("out of memory (test)")
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", empty_failing_third)
+    with pytest.raises(torch.OutOfMemoryError):
+        store.append(keys[:, :, 20:100], values[:, :, 20:100])
+    monkeypatch.undo()
+    assert len({t.shape[0] for t in store.pool}) == 2  # failed after two of the four buffers had grown
+    assert store.length == 20
+    k, v = store.dequantize()
+    ek, ev = expected_content(store, keys[:, :, :20], values[:, :, :20])
+    assert torch.equal(k, ek) and torch.equal(v, ev)
+    store.append(keys[:, :, 20:], values[:, :, 20:])  # grows again from the pages that are valid everywhere
+    k, v = store.dequantize()
+    ek, ev = expected_content(store, keys, values)
+    assert torch.equal(k, ek) and torch.equal(v, ev)
+
+
 @pytest.mark.parametrize("batch,heads", [(1, 1), (2, 4)], ids=["b1h1", "b2h4"])
 def test_store_memory_footprint_is_pages_times_page_bytes_and_under_029_of_bf16(batch, heads):
     t, d, p = 2048, 64, 64

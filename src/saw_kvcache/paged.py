@@ -294,19 +294,22 @@ class PagedKVStore:
 
     def _grow_pool(self, needed: int) -> None:
         h, p, d = self.num_heads, self.page_size, self.head_dim
-        old = self.pool.k_codes.shape[0] if self.pool is not None else 0
+        # The smallest buffer: after a growth that ran out of memory part-way, the others are already larger.
+        old = min(t.shape[0] for t in self.pool) if self.pool is not None else 0
         new = old + max(needed - len(self.free_pages), int(old * POOL_GROWTH), 1)
-        kw = dict(device=self.device)
-        grown = PagedKV(
-            torch.empty(new, h, p, d // 2, dtype=torch.uint8, **kw),
-            torch.empty(new, h, p, 2, dtype=self.dtype, **kw),
-            torch.empty(new, h, p, d // 2, dtype=torch.uint8, **kw),
-            torch.empty(new, h, p, 2, dtype=self.dtype, **kw),
-        )
-        if old:
-            for dst, src in zip(grown, self.pool):
-                dst[:old].copy_(src)
-        self.pool = grown
+        parts = list(self.pool) if self.pool is not None else [None] * 4
+        self.pool = None
+        try:
+            # One buffer at a time, each old one released as soon as it is copied: the growth's peak is the old
+            # pool plus one new buffer, not the old pool plus the whole new one (more sequences fit in memory).
+            for i, (last, dtype) in enumerate(((d // 2, torch.uint8), (2, self.dtype)) * 2):
+                grown = torch.empty(new, h, p, last, dtype=dtype, device=self.device)
+                if old:
+                    grown[:old].copy_(parts[i][:old])
+                parts[i] = grown
+        finally:  # after an out-of-memory error the pages [0, old) stay valid in every buffer
+            if all(part is not None for part in parts):
+                self.pool = PagedKV(*parts)
         self.free_pages = list(range(new - 1, old - 1, -1)) + self.free_pages
 
     def _take_pages(self, count: int) -> list[int]:
