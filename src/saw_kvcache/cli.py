@@ -142,7 +142,8 @@ def _bench(args, argv) -> int:
             dtype=args.dtype, device=args.device, layers=args.layers, saw_fields=args.saw_config,
             warm=not args.no_warm, capacity_context=args.capacity_context or None, capacity_mode=args.capacity,
             capacity_memory_gb=args.capacity_memory_gb, compile_mode=args.compile_mode,
-            compile_backend=args.compile_backend, prefill_chunk=args.prefill_chunk, out_dir=args.out, name=args.name, progress=not args.no_progress,
+            compile_backend=args.compile_backend, prefill_chunk=args.prefill_chunk, out_dir=args.out, name=args.name,
+            progress=not args.no_progress,
             command="saw-kvcache " + " ".join(shlex.quote(a) for a in argv),
         )
     except ValueError as e:

@@ -17,7 +17,6 @@ the block table never changes. Appending beyond the capacity raises before anyth
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Optional
 
@@ -36,16 +35,11 @@ POOL_GROWTH = 0.5
 AUTO_SAMPLE_TOKENS = 4096
 
 
-@functools.lru_cache(maxsize=None)
-def _hadamard_on(block: int, device: torch.device) -> torch.Tensor:
-    return reference.hadamard_matrix(block, device)  # copied to the device once, not at every first forward
-
-
 def _rotate_by_matmul(x: torch.Tensor, block: int) -> torch.Tensor:
     """reference.rotate up to rounding, as one matmul per block (for decisions, not for stored values)."""
     if not block:
         return x
-    return (x.reshape(*x.shape[:-1], -1, block) @ _hadamard_on(block, x.device)).reshape(x.shape)
+    return (x.reshape(*x.shape[:-1], -1, block) @ reference.hadamard_matrix(block, x.device)).reshape(x.shape)
 
 
 class PagedKVStore:

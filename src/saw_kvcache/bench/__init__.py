@@ -144,7 +144,8 @@ def run_bench(
             device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU",
             torch=torch.__version__, transformers=transformers.__version__, saw_kvcache=_version(), commit=_commit(),
             new_tokens=new_tokens, saw_config=saw_config_for(net, saw_fields).to_dict(),
-            compile=dict(mode=compile_mode, backend=compile_backend), prefill_chunk=prefill_chunk, command=command or "run_bench(...)",
+            compile=dict(mode=compile_mode, backend=compile_backend), prefill_chunk=prefill_chunk,
+            command=command or "run_bench(...)",
         ),
         cases=cases, rows=rows, ratios=_ratios(rows, runnable, cases), capacity=capacity, skipped=skipped,
     )

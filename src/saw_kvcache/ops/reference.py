@@ -50,9 +50,15 @@ def _hadamard_cpu(block: int) -> torch.Tensor:
 
 
 def hadamard_matrix(block: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Normalized Sylvester Hadamard matrix H_b / sqrt(b), float32: symmetric, orthogonal and its own inverse."""
+    """Normalized Sylvester Hadamard matrix H_b / sqrt(b), float32: symmetric, orthogonal and its own inverse.
+    One shared (read-only) tensor per block and device: copied to a GPU once, not at every call."""
     if block < 1 or block & (block - 1):
         raise ValueError(f"hadamard block must be a power of two, got {block}")
+    return _hadamard_on(block, torch.device(device))
+
+
+@functools.lru_cache(maxsize=None)
+def _hadamard_on(block: int, device: torch.device) -> torch.Tensor:
     return _hadamard_cpu(block).to(device)
 
 
