@@ -115,7 +115,8 @@ def _stub_paged_attention(query, *args, **kwargs):
 
 
 STUB_BACKEND = SimpleNamespace(
-    name="stub", write_pages=lambda *args, **kwargs: None, append_from_state=lambda *args, **kwargs: None,
+    name="stub", write_pages=lambda *args, **kwargs: None, append_with_window=lambda *args, **kwargs: None,
+    append_from_state=lambda *args, **kwargs: None,
     paged_attention=_stub_paged_attention, dequantize_pages=None,
 )
 

@@ -91,9 +91,29 @@ def calls():
         torch.randn(2, 8, 1, 128).to(torch.bfloat16), pool(17, 2, 64, 128, torch.bfloat16),
         torch.arange(16, dtype=torch.int32).view(2, 8), 512, ring, ring, ring[:, :, :1], ring[:, :, :1],
         torch.ones(2, 1, 1, 512, dtype=torch.bool), 0.1, None, None, torch.zeros(2, 128), None, 64, True, state=state)
+    def unfused(call):
+        def run():
+            triton_kernels.TUNING["fused_merge"] = False
+            try:
+                call()
+            finally:
+                triton_kernels.TUNING["fused_merge"] = True
+        return run
+
+    yield "attention with lengths on the device, merge kernel (as under CUDA-graph capture)", unfused(
+        lambda: triton_kernels.paged_attention(
+            torch.randn(2, 8, 1, 128).to(torch.bfloat16), pool(17, 2, 64, 128, torch.bfloat16),
+            torch.arange(16, dtype=torch.int32).view(2, 8), 512, ring, ring, ring[:, :, :1], ring[:, :, :1],
+            torch.ones(2, 1, 1, 512, dtype=torch.bool), 0.1, None, None, torch.zeros(2, 128), None, 64, True,
+            state=state))
     yield "append with lengths on the device", lambda: triton_kernels.append_from_state(
         pool(17, 2, 64, 128, torch.bfloat16), torch.arange(16, dtype=torch.int32).view(2, 8), state, ring, ring,
         ring[:, :, :1], ring[:, :, :1], torch.zeros(2, 128), None, 64, True)
+    for n in (1, 40):  # the decode step's single launch, and a chunk longer than one write tile
+        yield f"append of {n} tokens with host lengths", lambda n=n: triton_kernels.append_with_window(
+            pool(17, 2, 64, 128, torch.bfloat16), torch.arange(16, dtype=torch.int32).view(2, 8), 300, 250, ring,
+            ring, torch.randn(2, 2, n, 128).to(torch.bfloat16), torch.randn(2, 2, n, 128).to(torch.bfloat16),
+            torch.zeros(2, 128), None, 64, True)
     for butterfly in ("gather", "reshape"):
         def write(butterfly=butterfly):
             triton_kernels.TUNING["write_butterfly"] = butterfly

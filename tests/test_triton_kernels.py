@@ -69,6 +69,11 @@ def test_write_kernel_packs_the_same_bytes_as_the_torch_twin(dtype, head_dim, bl
     twin, kernel = make_pool(num_pages, heads, head_dim, dtype, poison=False), make_pool(num_pages, heads, head_dim, dtype, poison=False)
     reference.write_pages(twin, table, start, key, value, mean, mean, block, True)
     triton_kernels.write_pages(kernel, table, start, key, value, mean, mean, block, True)
+    assert_same_pages(twin, kernel)
+
+
+def assert_same_pages(twin, kernel):
+    """The kernel's pool equals the twin's: scales and offsets bit for bit, codes as documented."""
     for name, a, b in zip(("k_meta", "v_meta"), twin[1::2], kernel[1::2]):
         assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), name
     for name, a, b in zip(("k_codes", "v_codes"), twin[0::2], kernel[0::2]):
@@ -79,6 +84,40 @@ def test_write_kernel_packs_the_same_bytes_as_the_torch_twin(dtype, head_dim, bl
         assert (a - b).abs().max() <= 1 and differ <= max(1, a.numel() // 2000), f"{name}: {differ} codes differ"
         if not ON_GPU:
             assert differ == 0, f"{name}: {differ} codes differ"
+
+
+@pytest.mark.parametrize("ring", [0, 16])
+@pytest.mark.parametrize("lengths_on_device", [False, True], ids=["host_lengths", "state"])
+def test_append_kernels_equal_the_torch_twin(ring, lengths_on_device):
+    """append_with_window / append_from_state: evictions from the window ring and from the chunk, the ring update
+    (one launch for chunks of up to write_tokens tokens, the write and the ring kernel for longer ones, wrapping
+    around the ring), the lengths. Same pages and windows as the twin after every append."""
+    batch, heads, head_dim, dtype = 2, 2, 64, torch.bfloat16
+    chunks = [5, 1, 1, 40, 3, 1, 17, 1]
+    pages = math.ceil(sum(chunks) / PAGE)
+    table = shuffled_block_table(batch, pages, 2 * batch * pages)
+    mean = torch.randn(heads, head_dim, device=DEVICE)
+    garbage = random_states(batch, heads, ring, head_dim, dtype) if ring else None  # the window until written
+    caches = [(make_pool(2 * batch * pages, heads, head_dim, dtype, poison=False),
+               *(None if garbage is None else garbage.clone() for _ in "kv"),
+               torch.zeros(2, dtype=torch.int32, device=DEVICE)) for _ in range(2)]
+    length = num_paged = 0
+    for n in chunks:
+        key = random_states(batch, heads, n, head_dim, dtype)
+        value = random_states(batch, heads, n, head_dim, dtype, outliers=False)
+        for impl, (pool, wk, wv, state) in zip((reference, triton_kernels), caches):
+            if lengths_on_device:
+                impl.append_from_state(pool, table, state, wk, wv, key, value, mean, None, 64, True)
+            else:
+                impl.append_with_window(pool, table, length, num_paged, wk, wv, key, value, mean, None, 64, True)
+        length += n
+        num_paged = max(num_paged, length - ring)
+        (twin, twin_k, twin_v, twin_state), (kernel, kernel_k, kernel_v, kernel_state) = caches
+        assert_same_pages(twin, kernel)
+        if ring:
+            assert torch.equal(twin_k, kernel_k) and torch.equal(twin_v, kernel_v)
+        if lengths_on_device:
+            assert twin_state.tolist() == kernel_state.tolist() == [length, num_paged]
 
 
 @pytest.mark.parametrize("dtype,head_dim,block", [(torch.bfloat16, 64, 64), (torch.float16, 128, 16)], ids=str)
@@ -200,6 +239,42 @@ def test_attention_kernel_error_is_within_twice_plain_pytorch_error(dtype, head_
     assert twin_error <= budget, f"twin {twin_error:.4g}, budget {budget:.4g}"
 
 
+@pytest.mark.parametrize("fused_merge", [True, False], ids=["merge_in_kernel", "merge_kernel"])
+@pytest.mark.parametrize("queries", [1, 3])
+def test_split_attention_merges_like_one_split(fused_merge, queries, monkeypatch):
+    """The sequence split over programs (flash-decoding), merged by the last split's program (tickets) or by the
+    merge kernel (as under CUDA-graph capture): the same output as one program per sequence, sinks and left
+    padding included, and the tickets back at zero for the next call."""
+    monkeypatch.setitem(triton_kernels.TUNING, "fused_merge", fused_merge)
+    batch, heads, gqa, head_dim, paged, window, dtype = 2, 2, 4, 64, 1200, 3, torch.float16
+    pages = math.ceil(paged / PAGE)
+    table = shuffled_block_table(batch, pages, 2 * batch * pages)
+    pool = make_pool(2 * batch * pages, heads, head_dim, dtype)
+    reference.write_pages(pool, table, 0, random_states(batch, heads, paged, head_dim, dtype),
+                          random_states(batch, heads, paged, head_dim, dtype), None, None, 64, True)
+    raw = [random_states(batch, heads, n, head_dim, dtype) for n in (window, window, queries, queries)]
+    total = paged + window + queries
+    mask = (torch.arange(total, device=DEVICE)[None, :] <= torch.arange(total - queries, total, device=DEVICE)[:, None])
+    mask = mask[None, None].repeat(batch, 1, 1, 1)
+    mask[1, :, :, :40] = False
+    args = (random_states(batch, heads * gqa, queries, head_dim, dtype, outliers=False), pool, table, paged, *raw,
+            mask, head_dim**-0.5, None, torch.randn(heads * gqa, device=DEVICE), None, None, 64, True)
+    monkeypatch.setattr(triton_kernels, "_programs_wanted", lambda device: 1)
+    one_split = triton_kernels.paged_attention(*args)
+    monkeypatch.setattr(triton_kernels, "_programs_wanted", lambda device: 5 * batch * heads)  # 5 splits
+    merges = []
+    merge_kernel = triton_kernels._merge_splits_kernel
+    # No arg_names: the launcher cannot cache the compiled kernel past the spy, so it sees every launch.
+    monkeypatch.setattr(triton_kernels, "_merge_splits_kernel", type("Spy", (), {
+        "__getitem__": lambda self, grid: merges.append(grid) or merge_kernel[grid]})())
+    for _ in range(2):  # the second call reuses the tickets the first one put back
+        split = triton_kernels.paged_attention(*args)
+        torch.testing.assert_close(split.float(), one_split.float(), atol=2e-3, rtol=2e-3)
+    assert len(merges) == (0 if fused_merge else 2)
+    for _, buffers in triton_kernels._SPLIT_BUFFERS.values():
+        assert not buffers[3].any()
+
+
 def test_triton_backend_generates_like_the_torch_backend_on_a_tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -266,7 +341,7 @@ def test_every_kernel_launch_compiles_for_hopper():
     run = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env, timeout=1200)
     report = "\n".join(line for line in run.stdout.splitlines() if line.startswith(("ok", "FAIL")))
     assert run.returncode == 0 and "FAIL" not in report, report + "\n" + run.stderr[-3000:]
-    assert report.count("_merge_splits_kernel") >= 2 and report.count("_attention_kernel") >= 10, report
+    assert report.count("_merge_splits_kernel") >= 1 and report.count("_attention_kernel") >= 10, report
 
 
 @pytest.mark.parametrize("start,length", [(5, 7), (12, 16), (0, 3)])

@@ -413,28 +413,15 @@ class PagedKVStore:
         if self.key_mean is None and self.value_mean is None and past == 0 and self.num_paged == 0:
             self._estimate_means(key, value)
         new_length = past + n
-        r = self.config.residual_length
-        new_paged = max(self.num_paged, new_length - r)
+        new_paged = max(self.num_paged, new_length - self.config.residual_length)
         if new_paged > self.num_paged:
-            from_window = self._window(self.num_paged, min(new_paged, past))
-            from_chunk = (key[:, :, : new_paged - past], value[:, :, : new_paged - past]) if new_paged > past else None
-            parts = [p for p in (from_window, from_chunk) if p is not None and p[0].shape[2]]
-            k_new = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts], 2)
-            v_new = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts], 2)
             self._reserve(new_paged)
-            self.backend.write_pages(
-                self.pool, self.block_table, self.num_paged, k_new, v_new,
-                self.key_mean, self.value_mean, self.config.hadamard_block, self.config.rotate_values,
-            )
-        if r:
-            first = max(past, new_paged)
-            if new_length > first:  # ring slots first % r ... (new_length - 1) % r: at most two slices
-                s0, count = first % r, new_length - first
-                head = min(count, r - s0)
-                for window, x in ((self.window_key, key), (self.window_value, value)):
-                    window[:, :, s0 : s0 + head] = x[:, :, first - past : first - past + head]
-                    if count > head:
-                        window[:, :, : count - head] = x[:, :, first - past + head :]
+        # Tokens leaving the window (or, without one, all of them) go to the pages, the newest into the window's
+        # ring: one kernel launch for a decode step on the Triton backend.
+        self.backend.append_with_window(
+            self.pool, self.block_table, past, self.num_paged, self.window_key, self.window_value, key, value,
+            self.key_mean, self.value_mean, self.config.hadamard_block, self.config.rotate_values,
+        )
         self.num_paged = new_paged
         self.length = new_length
         return past
@@ -479,15 +466,7 @@ class PagedKVStore:
         """Full-precision keys/values of positions [start, stop) (all in the window), in position order."""
         if stop <= start:
             return None
-        r = self.config.residual_length
-        s0 = start % r
-        if s0 + (stop - start) <= r:
-            return self.window_key[:, :, s0 : s0 + stop - start], self.window_value[:, :, s0 : s0 + stop - start]
-        rest = stop - start - (r - s0)  # wraps around the ring: the tail of the buffer, then its head
-        return (
-            torch.cat([self.window_key[:, :, s0:], self.window_key[:, :, :rest]], 2),
-            torch.cat([self.window_value[:, :, s0:], self.window_value[:, :, :rest]], 2),
-        )
+        return tuple(reference.ring_tokens(window, start, stop) for window in (self.window_key, self.window_value))
 
     def attend(self, query, chunk_key, chunk_value, past_length: int, mask, scaling, softcap=None, sinks=None):
         """Attention of query [B, Hq, nq, D] over the tokens cached before position `past_length` plus the

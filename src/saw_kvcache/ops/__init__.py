@@ -1,8 +1,8 @@
 """The backend seam: each cache operation is looked up here per backend.
 
-A backend provides the same four functions with the same signatures as ``reference``:
-``write_pages``, ``append_from_state``, ``paged_attention`` and ``dequantize_pages``. The cache calls them only
-through ``get_backend``.
+A backend provides the same five functions with the same signatures as ``reference``: ``write_pages``,
+``append_with_window``, ``append_from_state``, ``paged_attention`` and ``dequantize_pages``. The cache calls them
+only through ``get_backend``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from .reference import PagedKV
 TORCH_BACKEND = SimpleNamespace(
     name="torch",
     write_pages=reference.write_pages,
+    append_with_window=reference.append_with_window,
     append_from_state=reference.append_from_state,
     paged_attention=reference.paged_attention,
     dequantize_pages=reference.dequantize_pages,
@@ -32,6 +33,7 @@ def _triton_backend() -> SimpleNamespace:
     return SimpleNamespace(
         name="triton",
         write_pages=triton_kernels.write_pages,
+        append_with_window=triton_kernels.append_with_window,
         append_from_state=triton_kernels.append_from_state,
         paged_attention=triton_kernels.paged_attention,
         dequantize_pages=triton_kernels.dequantize_pages,

@@ -199,44 +199,54 @@ def attention_lengths(state: torch.Tensor, chunk_tokens: int, ring: int) -> tupl
     return num_paged, num_paged % ring if ring else 0, past - num_paged
 
 
+def ring_tokens(window: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Positions [start, stop) of a window ring buffer [B, H, R, D] (slot = position % R), in position order: one
+    slice, or two and a cat where the range wraps around."""
+    ring, first, count = window.shape[2], start % window.shape[2], stop - start
+    if first + count <= ring:
+        return window[:, :, first : first + count]
+    return torch.cat([window[:, :, first:], window[:, :, : count - (ring - first)]], 2)
+
+
 def _evicted(window: Optional[torch.Tensor], chunk: torch.Tensor, length: int, paged: int, stop: int):
     """Positions [paged, stop) in order: from the window's ring (positions < length) or from the chunk."""
-    positions = torch.arange(paged, stop, device=chunk.device)
-    from_window = positions[positions < length]
-    parts = [window[:, :, from_window % window.shape[2]]] if from_window.numel() else []
-    parts.append(chunk[:, :, max(paged - length, 0) : max(stop - length, 0)])
+    parts = [ring_tokens(window, paged, min(stop, length))] if paged < length else []
+    if stop > length:
+        parts.append(chunk[:, :, max(paged - length, 0) : stop - length])
     return torch.cat(parts, 2) if len(parts) > 1 else parts[0]
 
 
-def advance_window_and_state(state, window_key, window_value, key, value) -> None:
-    """After the evicted tokens were written to the pages: put the newest min(n, R) chunk tokens into their ring
-    slots and advance state to [length + n, max(num_paged, length + n - R)], with device-side torch ops."""
+def append_with_window(pool, block_table, length: int, num_paged: int, window_key, window_value, key, value,
+                       key_mean, value_mean, hadamard_block, rotate_values) -> None:
+    """Append key/value [B, H, n, D] to a cache of `length` tokens whose pages hold positions [0, num_paged) and
+    whose window (ring buffer [B, H, R, D], slot = position % R; or None) holds the rest: the tokens leaving the
+    window are encoded into the pages (positions [num_paged, max(num_paged, length + n - R))), then the chunk's
+    newest min(n, R) tokens enter their ring slots. The caller gives pages for the new positions."""
     n = key.shape[2]
     ring = window_key.shape[2] if window_key is not None else 0
-    if ring:
+    stop = max(num_paged, length + n - ring)
+    if stop > num_paged:
+        write_pages(pool, block_table, num_paged, _evicted(window_key, key, length, num_paged, stop),
+                    _evicted(window_value, value, length, num_paged, stop), key_mean, value_mean, hadamard_block,
+                    rotate_values)
+    if ring and n:
         kept = min(n, ring)
-        slots = (state[0].long() + torch.arange(n - kept, n, device=state.device)) % ring
+        slots = (length + torch.arange(n - kept, n, device=key.device)) % ring
         window_key.index_copy_(2, slots, key[:, :, n - kept :])
         window_value.index_copy_(2, slots, value[:, :, n - kept :])
-    length = state[0] + n
-    state[1] = torch.maximum(state[1], length - ring)
-    state[0] = length
 
 
 def append_from_state(pool, block_table, state, window_key, window_value, key, value, key_mean, value_mean,
                       hadamard_block, rotate_values) -> None:
-    """Append key/value [B, H, n, D] to a cache whose lengths are `state` = [length, num_paged] on the device:
-    tokens leaving the window (ring buffer [B, H, R, D], or None) are encoded into the pages (positions
-    [num_paged, max(num_paged, length + n - R))), the chunk's newest tokens enter the window, and state advances.
-    Same results as the host-side bookkeeping of PagedKVStore."""
+    """append_with_window with the lengths read from `state` = [length, num_paged] on the device, which then
+    advances to [length + n, max(num_paged, length + n - R)] (device-side torch ops)."""
     length, paged = (int(x) for x in state.tolist())
+    append_with_window(pool, block_table, length, paged, window_key, window_value, key, value, key_mean, value_mean,
+                       hadamard_block, rotate_values)
     ring = window_key.shape[2] if window_key is not None else 0
-    stop = max(paged, length + key.shape[2] - ring)
-    if stop > paged:
-        write_pages(pool, block_table, paged, _evicted(window_key, key, length, paged, stop),
-                    _evicted(window_value, value, length, paged, stop), key_mean, value_mean, hadamard_block,
-                    rotate_values)
-    advance_window_and_state(state, window_key, window_value, key, value)
+    new_length = state[0] + key.shape[2]
+    state[1] = torch.maximum(state[1], new_length - ring)
+    state[0] = new_length
 
 
 def _gather_pages(codes_pool, meta_pool, block_table, start: int, stop: int):

@@ -1,12 +1,15 @@
 """Fused Triton kernels for SAW-INT4 paged storage. Each public function has the signature of its twin in
 `reference.py`, which is its specification and test oracle.
 
-  * write_pages: center, Hadamard-rotate, quantize, pack and scatter new tokens into pages (one launch per K/V);
-    bit-identical to the twin (same float32 operations in the same order, no FMA contraction).
+  * write_pages: center, Hadamard-rotate, quantize, pack and scatter new tokens into pages (keys and values in
+    one launch); bit-identical to the twin (same float32 operations in the same order, no FMA contraction).
+    append_with_window / append_from_state: the same for the tokens leaving the window, and the window's update,
+    in that one launch for decode steps.
   * paged_attention: decode and chunked-prefill attention over INT4 pages + full-precision window + exact chunk.
     All query heads of one KV head share one program (GQA), queries are rotated in-kernel, q·mean is added to
     the scores and the value rotation and mean are undone before the full-precision part. The sequence is split
-    over programs (flash-decoding) when queries alone do not fill the GPU; a second kernel merges the splits.
+    over programs (flash-decoding) when queries alone do not fill the GPU; the last split to finish merges the
+    splits (a second kernel does under CUDA-graph capture).
     Keys are never dequantized element by element: scores = scale * (q · codes) + sum(q) * offset, and
     p @ V = (p * scale) @ codes + p · offset. In decode the codes go to int8 tensor-core dots as they are, and the
     rotated query and p * scale as int8 pieces (exact int32 products, 2^-16 of each row's range); in prefill,
@@ -43,6 +46,7 @@ TUNING = {
     "prefill_block_n": 64,
     "prefill_rows": 64,  # query rows (heads x positions) per program when queries are many
     "programs_per_sm": 2,  # the sequence is split until about this many programs per SM are running
+    "fused_merge": True,  # the last split merges the splits' results (no second kernel) outside CUDA-graph capture
     "write": {"num_warps": 4},
     "write_tokens": 32,  # tokens per program of the write kernel
     "write_butterfly": "gather",  # "gather" or "reshape" (split/join): how the write kernel pairs elements
@@ -77,6 +81,54 @@ def _sm_count(device_index: int) -> int:
 def _programs_wanted(device: torch.device) -> int:
     sms = _sm_count(device.index or 0) if device.type == "cuda" else 2  # the CPU interpreter: pretend 2
     return TUNING["programs_per_sm"] * sms
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# launches
+# ------------------------------------------------------------------------------------------------------------------
+# kernel[grid](...) binds and specializes every argument and looks the kernel up by a string key at each call: on an
+# H200's host, 38-77 us per attention launch against 14-24 us through the compiled kernel's own launcher
+# (benchmarks/layer_host_time.py). Eager decoding pays that per layer and step, so after the first launch of a
+# specialization the compiled kernel is launched directly. The key holds everything Triton specializes on: each
+# tensor's dtype and 16-byte alignment, each integer's "== 1", "divisible by 16" and 32-bit range, the constexprs.
+_COMPILED: dict = {}
+_RUNTIME_KNOBS = getattr(getattr(triton, "knobs", None), "runtime", None)
+FAST_LAUNCH = not INTERPRET and _RUNTIME_KNOBS is not None and torch.cuda.is_available()
+
+
+def _hooks_active() -> bool:
+    hooks = (_RUNTIME_KNOBS.launch_enter_hook, _RUNTIME_KNOBS.launch_exit_hook)
+    return any(hook is not None and getattr(hook, "calls", True) for hook in hooks)
+
+
+def _launch(kernel, grid: tuple, args: tuple, constexprs: dict) -> None:
+    """kernel[grid](*args, **constexprs), through the compiled kernel's launcher once that specialization exists."""
+    global FAST_LAUNCH
+    if not FAST_LAUNCH or _hooks_active():
+        kernel[grid](*args, **constexprs)
+        return
+    device = torch.cuda.current_device()
+    key = (kernel, device, tuple(constexprs.items()), tuple([
+        (a == 1, a % 16 == 0, a >> 31) if a.__class__ is int
+        else (a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor)
+        else (a.__class__, a if a.__class__ is bool else None)  # floats are not specialized
+        for a in args
+    ]))
+    entry = _COMPILED.get(key)
+    if entry is None:
+        compiled = kernel[grid](*args, **constexprs)
+        names = getattr(kernel, "arg_names", None)
+        if names is not None and hasattr(compiled, "packed_metadata"):
+            _COMPILED[key] = (compiled, tuple(constexprs[name] for name in names[len(args):]))
+        return
+    compiled, tail = entry
+    grid = tuple(grid) + (1,) * (3 - len(grid))
+    try:
+        compiled.run(grid[0], grid[1], grid[2], torch._C._cuda_getCurrentRawStream(device), compiled.function,
+                     compiled.packed_metadata, None, None, None, *args, *tail)
+    except TypeError:  # another Triton's launcher signature: its arguments are checked before anything launches
+        FAST_LAUNCH = False
+        kernel[grid](*args, **constexprs)
 
 
 @triton.jit
@@ -122,35 +174,41 @@ def _round_to(x, ty: tl.constexpr):
 
 # Arguments that change at every decode step are not specialized (Triton would otherwise compile a kernel for each
 # of "divisible by 16", "equal to 1" and "other", so the first decode steps of a user's first call each compiled).
-@triton.jit(do_not_specialize=["start"])
+@triton.jit(do_not_specialize=["start", "length"])
 def _write_kernel(
     XK, s_kb, s_kh, s_kn, KMEAN, KC, KM, WK,
     XV, s_vb, s_vh, s_vn, VMEAN, VC, VM, WV,
     s_wb, s_wh, s_wn, STATE,
-    BT, stride_btb, start, n, H,
+    BT, stride_btb, start, length, n, H,
     HAS_KMEAN: tl.constexpr, HAS_VMEAN: tl.constexpr, D: tl.constexpr, P: tl.constexpr, T: tl.constexpr,
     LOG_BLOCK_K: tl.constexpr, SCALE_K: tl.constexpr, LOG_BLOCK_V: tl.constexpr, SCALE_V: tl.constexpr,
-    GATHER: tl.constexpr, FROM_STATE: tl.constexpr, R: tl.constexpr,
+    GATHER: tl.constexpr, EVICT: tl.constexpr, LENGTHS_ON_DEVICE: tl.constexpr, RING_WRITE: tl.constexpr,
+    R: tl.constexpr,
 ):
     """Keys (program_id(2) == 0) and values (== 1) in one launch: one launch fewer per layer and step.
 
-    FROM_STATE: the tokens leaving the window when the n tokens of X are appended, with the lengths read from
-    STATE = [length, num_paged] (positions [num_paged, max(num_paged, length + n - R)): window ring W, then X)."""
+    Without EVICT: the n tokens of X go to positions [start, start + n).
+    EVICT: appending the n tokens of X to a cache of `length` tokens whose pages hold [0, start) (with
+    LENGTHS_ON_DEVICE both read from STATE = [length, num_paged]), the tokens leaving the window go to the pages:
+    positions [start, max(start, length + n - R)), from the window ring W (positions < length), then from X.
+    RING_WRITE (one tile, n <= T): the same program then puts X's newest min(n, R) tokens into their ring slots,
+    after its own reads of the slots they replace."""
     if tl.program_id(2) == 0:
-        _write_tile(XK, s_kb, s_kh, s_kn, KMEAN, KC, KM, WK, s_wb, s_wh, s_wn, STATE, BT, stride_btb, start, n, H,
-                    HAS_KMEAN, D, P, T, LOG_BLOCK_K, SCALE_K, GATHER, FROM_STATE, R)
+        _write_tile(XK, s_kb, s_kh, s_kn, KMEAN, KC, KM, WK, s_wb, s_wh, s_wn, STATE, BT, stride_btb, start, length,
+                    n, H, HAS_KMEAN, D, P, T, LOG_BLOCK_K, SCALE_K, GATHER, EVICT, LENGTHS_ON_DEVICE, RING_WRITE, R)
     else:
-        _write_tile(XV, s_vb, s_vh, s_vn, VMEAN, VC, VM, WV, s_wb, s_wh, s_wn, STATE, BT, stride_btb, start, n, H,
-                    HAS_VMEAN, D, P, T, LOG_BLOCK_V, SCALE_V, GATHER, FROM_STATE, R)
+        _write_tile(XV, s_vb, s_vh, s_vn, VMEAN, VC, VM, WV, s_wb, s_wh, s_wn, STATE, BT, stride_btb, start, length,
+                    n, H, HAS_VMEAN, D, P, T, LOG_BLOCK_V, SCALE_V, GATHER, EVICT, LENGTHS_ON_DEVICE, RING_WRITE, R)
 
 
 @triton.jit
 def _write_tile(
     X, stride_xb, stride_xh, stride_xn,
     MEAN, CODES, META, W, stride_wb, stride_wh, stride_wn, STATE, BT, stride_btb,
-    start, n, H,
+    start, length, n, H,
     HAS_MEAN: tl.constexpr, D: tl.constexpr, P: tl.constexpr, T: tl.constexpr,
-    LOG_BLOCK: tl.constexpr, SCALE: tl.constexpr, GATHER: tl.constexpr, FROM_STATE: tl.constexpr, R: tl.constexpr,
+    LOG_BLOCK: tl.constexpr, SCALE: tl.constexpr, GATHER: tl.constexpr, EVICT: tl.constexpr,
+    LENGTHS_ON_DEVICE: tl.constexpr, RING_WRITE: tl.constexpr, R: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -158,9 +216,11 @@ def _write_tile(
     h = pid_bh % H
     t = pid_t * T + tl.arange(0, T)
     d = tl.arange(0, D)
-    if FROM_STATE:
-        length = tl.load(STATE)
-        start = tl.load(STATE + 1)
+    n_chunk = n
+    if EVICT:
+        if LENGTHS_ON_DEVICE:
+            length = tl.load(STATE)
+            start = tl.load(STATE + 1)
         n = tl.maximum(length + n - R, start) - start
         t_ok = t < n
         from_x = (start + t >= length)[:, None] & t_ok[:, None]
@@ -211,11 +271,24 @@ def _write_tile(
     tl.store(CODES + row[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :], packed, mask=t_ok[:, None])
     tl.store(META + row * 2, scale, mask=t_ok)
     tl.store(META + row * 2 + 1, _round_to(lo, meta_ty), mask=t_ok)
+    if RING_WRITE:
+        tl.debug_barrier()  # every thread's reads of the evicted ring slots come before the slots are overwritten
+        kept = tl.minimum(n_chunk, R)
+        j = n_chunk - kept + tl.arange(0, T)
+        ok = (j < n_chunk)[:, None]
+        src = X + b * stride_xb + h * stride_xh + j[:, None] * stride_xn + d[None, :]
+        dst = W + b * stride_wb + h * stride_wh + ((length + j) % R)[:, None] * stride_wn + d[None, :]
+        tl.store(dst, tl.load(src, mask=ok), mask=ok)
+
+
+_SAME_DEVICE = contextlib.nullcontext()
 
 
 def _on_device(tensor: torch.Tensor):
     """Kernels launch on the current CUDA device: make it the device of the data (layers split over GPUs)."""
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+    if tensor.is_cuda and tensor.get_device() != torch.cuda.current_device():
+        return torch.cuda.device(tensor.device)
+    return _SAME_DEVICE
 
 
 def _write_pages(
@@ -231,30 +304,41 @@ def _write_pages(
     state: Optional[torch.Tensor] = None,
     window_key: Optional[torch.Tensor] = None,
     window_value: Optional[torch.Tensor] = None,
+    length: Optional[int] = None,
+    ring_write: bool = False,
 ) -> None:
-    """Same contract as reference.write_pages; with `state`, the eviction step of reference.append_from_state."""
+    """Same contract as reference.write_pages. With `length` (or `state` = [length, num_paged] on the device),
+    the eviction step of appending key/value to a cache of `length` tokens whose pages hold [0, start) (see
+    _write_kernel's EVICT); with ring_write (n <= TUNING["write_tokens"]) the window ring update too."""
     b, h, n, d = key.shape
-    if n == 0:
-        return
-    page_size = pool.k_codes.shape[2]
     tokens = TUNING["write_tokens"]
+    ring = window_key.shape[2] if window_key is not None else 0
+    if state is not None:
+        tiles = _cdiv(n, tokens)  # at most n evictions; the kernel reads how many
+    elif length is not None:
+        tiles = max(_cdiv(max(start, length + n - ring) - start, tokens), int(ring_write))
+    else:
+        tiles = _cdiv(n, tokens)
+    if tiles == 0:
+        return
     key = key if key.stride(-1) == 1 else key.contiguous()
     value = value if value.stride(-1) == 1 else value.contiguous()
     v_block = hadamard_block if rotate_values else 0
     wk, wv = (key, value) if window_key is None else (window_key, window_value)
-    _write_kernel[(_cdiv(n, tokens), b * h, 2)](
-        key, key.stride(0), key.stride(1), key.stride(2),
-        key_mean if key_mean is not None else pool.k_meta, pool.k_codes, pool.k_meta, wk,
-        value, value.stride(0), value.stride(1), value.stride(2),
-        value_mean if value_mean is not None else pool.v_meta, pool.v_codes, pool.v_meta, wv,
-        wk.stride(0), wk.stride(1), wk.stride(2), state if state is not None else block_table,
-        block_table, block_table.stride(0), start, n, h,
-        HAS_KMEAN=key_mean is not None, HAS_VMEAN=value_mean is not None, D=d, P=page_size, T=tokens,
+    ks, vs, ws = key.stride(), value.stride(), wk.stride()
+    _launch(_write_kernel, (tiles, b * h, 2), (
+        key, ks[0], ks[1], ks[2], key_mean if key_mean is not None else pool.k_meta, pool.k_codes, pool.k_meta, wk,
+        value, vs[0], vs[1], vs[2], value_mean if value_mean is not None else pool.v_meta, pool.v_codes,
+        pool.v_meta, wv, ws[0], ws[1], ws[2], state if state is not None else block_table,
+        block_table, block_table.stride(0), start, length or 0, n, h,
+    ), dict(
+        HAS_KMEAN=key_mean is not None, HAS_VMEAN=value_mean is not None, D=d, P=pool.k_codes.shape[2], T=tokens,
         LOG_BLOCK_K=_log2(hadamard_block), SCALE_K=hadamard_scale(hadamard_block) if hadamard_block else 1.0,
         LOG_BLOCK_V=_log2(v_block), SCALE_V=hadamard_scale(v_block) if v_block else 1.0,
-        GATHER=TUNING["write_butterfly"] == "gather", FROM_STATE=state is not None,
-        R=window_key.shape[2] if window_key is not None else 0, enable_fp_fusion=False, **TUNING["write"],
-    )
+        GATHER=TUNING["write_butterfly"] == "gather", EVICT=state is not None or length is not None,
+        LENGTHS_ON_DEVICE=state is not None, RING_WRITE=ring_write, R=ring, enable_fp_fusion=False,
+        **TUNING["write"],
+    ))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -489,7 +573,7 @@ def _attention_kernel(
     MASK, sm_b, sm_q,
     SINKS,
     OUT, so_b, so_n, so_h,
-    PART_M, PART_L, PART_ACC, STATE,
+    PART_M, PART_L, PART_ACC, STATE, TICKETS,
     num_paged, n_raw, nq, total, tiles_per_split, H, num_splits, num_q_blocks,
     scaling, softcap,
     G: tl.constexpr, BLOCK_Q: tl.constexpr, M: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
@@ -499,7 +583,11 @@ def _attention_kernel(
     ROT_PRECISION: tl.constexpr, DOT_PRECISION: tl.constexpr, RAW_PIECES: tl.constexpr,
     HAS_KMEAN: tl.constexpr, HAS_VMEAN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_SINKS: tl.constexpr, SINGLE_SPLIT: tl.constexpr, STATE_ON_DEVICE: tl.constexpr,
+    FUSED_MERGE: tl.constexpr, MERGE_CHUNK: tl.constexpr,
 ):
+    """FUSED_MERGE: the splits of one (sequence, KV head, query block) take a ticket from TICKETS (int32, zero)
+    after storing their partial results; the last one merges them, writes the output and puts the ticket back to
+    zero, so that no second kernel is launched."""
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     s = tl.program_id(2)
@@ -645,10 +733,47 @@ def _attention_kernel(
     if SINGLE_SPLIT:
         _finish_and_store(acc, m_i, l_i, SINKS, OUT, b, h, g, qi, row_ok, so_b, so_n, so_h, G, D, HAS_SINKS)
     else:
-        part = ((bh * num_q_blocks + qb) * num_splits + s) * M + rows
+        first = (bh * num_q_blocks + qb) * num_splits
+        part = (first + s) * M + rows
         tl.store(PART_M + part, m_i)
         tl.store(PART_L + part, l_i)
         tl.store(PART_ACC + part[:, None] * D + d[None, :], acc)
+        if FUSED_MERGE:
+            tl.debug_barrier()  # all of this program's partial results are stored before its ticket is taken
+            ticket = tl.atomic_add(TICKETS + bh * num_q_blocks + qb, 1, sem="acq_rel")
+            if ticket == num_splits - 1:  # every other split has stored its results
+                tl.debug_barrier()
+                acc, m_i, l_i = _merge_partials(PART_M, PART_L, PART_ACC, first, num_splits, M, D, MERGE_CHUNK)
+                _finish_and_store(acc, m_i, l_i, SINKS, OUT, b, h, g, qi, row_ok, so_b, so_n, so_h, G, D,
+                                  HAS_SINKS)
+                tl.store(TICKETS + bh * num_q_blocks + qb, 0)
+
+
+@triton.jit
+def _merge_partials(PART_M, PART_L, PART_ACC, first, num_splits, M: tl.constexpr, D: tl.constexpr,
+                    CHUNK: tl.constexpr):
+    """The M rows' (output, max, sum) merged over splits [0, num_splits), CHUNK splits per load; the loads skip
+    the SM's L1 (other SMs wrote the results during this kernel)."""
+    rows = tl.arange(0, M)
+    d = tl.arange(0, D)
+    m_i = tl.full([M], float("-inf"), tl.float32)
+    l_i = tl.zeros([M], tl.float32)
+    acc = tl.zeros([M, D], tl.float32)
+    for s0 in range(0, num_splits, CHUNK):
+        s = s0 + tl.arange(0, CHUNK)
+        s_ok = (s < num_splits)[:, None]
+        part = (first + s)[:, None] * M + rows[None, :]
+        m_s = tl.load(PART_M + part, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
+        m_new = tl.maximum(m_i, tl.max(m_s, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        beta = tl.exp(m_s - m_safe[None, :])
+        l_i = l_i * alpha + tl.sum(tl.load(PART_L + part, mask=s_ok, other=0.0, cache_modifier=".cg") * beta, axis=0)
+        part_acc = tl.load(PART_ACC + part[:, :, None] * D + d[None, None, :], mask=s_ok[:, :, None], other=0.0,
+                           cache_modifier=".cg")
+        acc = acc * alpha[:, None] + tl.sum(part_acc * beta[:, :, None], axis=0)
+        m_i = m_new
+    return acc, m_i, l_i
 
 @triton.jit
 def _finish_and_store(acc, m_i, l_i, SINKS, OUT, b, h, g, qi, row_ok, so_b, so_n, so_h, G, D: tl.constexpr,
@@ -710,6 +835,33 @@ def _merge_splits_kernel(
         out = acc / tl.where(l_i > 0, l_i, 1.0)
         ptr = OUT + b * so_b + qi * so_n + (h * G + g) * so_h + d
         tl.store(ptr, _round_to(out, OUT.dtype.element_ty))
+
+
+# Per (device, stream): the last split attention's buffers for its partial results and merge tickets, reused by the
+# next call on that stream with the same sizes. In stream order, a call has merged the results before the next
+# call's attention writes them again, and every ticket is back at zero.
+_SPLIT_BUFFERS: dict = {}
+
+
+def _split_buffers(device: torch.device, rows: int, d: int, tickets: int):
+    """(maxima [rows], sums [rows], outputs [rows, d]) float32 for the split attention's partial results, and
+    int32 zero tickets for the merge fused into the attention kernel (None: merge in a second kernel). No
+    allocation in most eager decode steps (the sizes change only when the number of splits does). During CUDA-graph
+    capture they are allocated as usual (the graph keeps its own) and the merge is a second kernel, so that no
+    ticket outlives the graph's memory."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        part_m = torch.empty(rows, dtype=torch.float32, device=device)
+        return part_m, torch.empty_like(part_m), torch.empty(rows, d, dtype=torch.float32, device=device), None
+    key = (device.index, torch._C._cuda_getCurrentRawStream(device.index)) if device.type == "cuda" else None
+    last = _SPLIT_BUFFERS.get(key)
+    if last is not None and last[0] == (rows, d, tickets):
+        return last[1]
+    part_m = torch.empty(rows, dtype=torch.float32, device=device)
+    buffers = (part_m, torch.empty_like(part_m), torch.empty(rows, d, dtype=torch.float32, device=device),
+               torch.zeros(tickets, dtype=torch.int32, device=device))
+    if key is not None:
+        _SPLIT_BUFFERS[key] = ((rows, d, tickets), buffers)
+    return buffers
 
 
 # The largest BLOCK_N whose tiles fitted the shared memory of a GPU, per (device, head dim, rows, pieces, dtype):
@@ -807,28 +959,32 @@ def _paged_attention(
     while True:
         block_q, m, q_blocks, block_n, splits, tiles_per_split = _attention_plan(
             b, h, g, nq, num_paged, pieces, query.device, _BLOCK_N_FITS.get(fit_key, 1 << 30))
+        fused = False
         if splits > 1:
-            part_m = torch.empty(b * h * q_blocks * splits * m, dtype=torch.float32, device=query.device)
-            part_l = torch.empty_like(part_m)
-            part_acc = torch.empty(part_m.numel(), d, dtype=torch.float32, device=query.device)
+            part_m, part_l, part_acc, tickets = _split_buffers(query.device, b * h * q_blocks * splits * m, d,
+                                                               b * h * q_blocks)
+            fused = tickets is not None and TUNING["fused_merge"]
         else:
             part_m = part_l = part_acc = out
         try:
-            _attention_kernel[(q_blocks, b * h, splits)](
-                query, query.stride(0), query.stride(1), query.stride(2),
+            qs, ws, cs, os_ = query.stride(), wk.stride(), ck.stride(), out.stride()
+            _launch(_attention_kernel, (q_blocks, b * h, splits), (
+                query, qs[0], qs[1], qs[2],
                 pool.k_codes, pool.k_meta, pool.v_codes, pool.v_meta, block_table, block_table.stride(0),
                 key_mean if key_mean is not None else query, value_mean if value_mean is not None else query,
-                wk, wv, wk.stride(0), wk.stride(1), wk.stride(2), window_start, ring, n_win,
-                ck, cv, ck.stride(0), ck.stride(1), ck.stride(2),
+                wk, wv, ws[0], ws[1], ws[2], window_start, ring, n_win,
+                ck, cv, cs[0], cs[1], cs[2],
                 mask_u8 if mask is not None else query, mask.stride(0) if mask is not None else 0,
                 mask.stride(2) if mask is not None else 0,
                 sinks if sinks is not None else query,
-                out, out.stride(0), out.stride(1), out.stride(2),
-                part_m, part_l, part_acc, state if state is not None else part_m,
+                out, os_[0], os_[1], os_[2],
+                part_m, part_l, part_acc, state if state is not None else part_m, tickets if fused else part_m,
                 num_paged, n_raw if state is None else n_chunk, nq, total, tiles_per_split, h, splits, q_blocks,
                 scaling, softcap or 0.0,
+            ), dict(
                 G=g, BLOCK_Q=block_q, M=m, D=d, P=page_size, BLOCK_N=block_n, RAW_BLOCK_N=64,
-                BLOCK=hadamard_block, LOG_BLOCK=_log2(hadamard_block), SCALE=hadamard_scale(hadamard_block) if hadamard_block else 1.0,
+                BLOCK=hadamard_block, LOG_BLOCK=_log2(hadamard_block),
+                SCALE=hadamard_scale(hadamard_block) if hadamard_block else 1.0,
                 ROTATE_VALUES=bool(rotate_values and hadamard_block),
                 PIECES=pieces, ASM=TUNING["nibble_asm"] and not INTERPRET, CODE_ALIGN=math.gcd(16, d // 2),
                 META_ALIGN=2 * pool.k_meta.element_size(),
@@ -837,22 +993,20 @@ def _paged_attention(
                 RAW_PIECES=2 if m < 16 or (sixteen_bit and decode and TUNING["decode_residual_dots"]) else 1,
                 HAS_KMEAN=key_mean is not None, HAS_VMEAN=value_mean is not None, HAS_MASK=mask is not None,
                 HAS_SOFTCAP=bool(softcap), HAS_SINKS=sinks is not None, SINGLE_SPLIT=splits == 1,
-                STATE_ON_DEVICE=state is not None,
+                STATE_ON_DEVICE=state is not None, FUSED_MERGE=fused, MERGE_CHUNK=4,
                 **(TUNING["decode" if decode else "prefill"] if sixteen_bit else FLOAT32_LAUNCH),
-            )
+            ))
             break
         except triton.runtime.errors.OutOfResources:
             if block_n <= 16:
                 raise
             _BLOCK_N_FITS[fit_key] = block_n // 2  # before any work was queued: retry with smaller tiles
-    if splits > 1:
-        _merge_splits_kernel[(q_blocks, b * h, m)](
-            part_m, part_l, part_acc, sinks if sinks is not None else query,
-            out, out.stride(0), out.stride(1), out.stride(2),
+    if splits > 1 and not fused:
+        os_ = out.stride()
+        _launch(_merge_splits_kernel, (q_blocks, b * h, m), (
+            part_m, part_l, part_acc, sinks if sinks is not None else query, out, os_[0], os_[1], os_[2],
             nq, h, splits, q_blocks,
-            G=g, BLOCK_Q=block_q, M=m, D=d, HAS_SINKS=sinks is not None,
-            SPLIT_BLOCK=min(32, _next_pow2(splits)),
-        )
+        ), dict(G=g, BLOCK_Q=block_q, M=m, D=d, HAS_SINKS=sinks is not None, SPLIT_BLOCK=min(32, _next_pow2(splits))))
     return out
 
 
@@ -862,19 +1016,21 @@ def write_pages(pool, block_table, start, key, value, key_mean, value_mean, hada
         return _write_pages(pool, block_table, start, key, value, key_mean, value_mean, hadamard_block, rotate_values)
 
 
-@triton.jit
-def _ring_write_kernel(XK, s_kb, s_kh, s_kn, XV, s_vb, s_vh, s_vn, WK, WV, s_wb, s_wh, s_wn, STATE, n, kept, H,
-                       R: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr):
+@triton.jit(do_not_specialize=["length"])
+def _ring_write_kernel(XK, s_kb, s_kh, s_kn, XV, s_vb, s_vh, s_vn, WK, WV, s_wb, s_wh, s_wn, STATE, length, n, kept,
+                       H, R: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, LENGTHS_ON_DEVICE: tl.constexpr):
     """The newest `kept` = min(n, R) chunk tokens of one (sequence, head) into their window ring slots
-    (length + j) % R, program_id(1) 0 for keys, 1 for values. Reads STATE, which _advance_state_kernel changes
-    only after this launch."""
+    (length + j) % R, program_id(1) 0 for keys, 1 for values. With LENGTHS_ON_DEVICE, length is read from STATE,
+    which _advance_state_kernel changes only after this launch."""
     b = tl.program_id(0) // H
     h = tl.program_id(0) % H
     i = tl.arange(0, BLOCK)
     j = n - kept + i
     d = tl.arange(0, D)
     ok = (i < kept)[:, None]
-    dst = b * s_wb + h * s_wh + ((tl.load(STATE) + j) % R)[:, None] * s_wn + d[None, :]
+    if LENGTHS_ON_DEVICE:
+        length = tl.load(STATE)
+    dst = b * s_wb + h * s_wh + ((length + j) % R)[:, None] * s_wn + d[None, :]
     if tl.program_id(1) == 0:
         tl.store(WK + dst, tl.load(XK + b * s_kb + h * s_kh + j[:, None] * s_kn + d[None, :], mask=ok), mask=ok)
     else:
@@ -888,27 +1044,48 @@ def _advance_state_kernel(STATE, n, R: tl.constexpr):
     tl.store(STATE, length)
 
 
-def append_from_state(pool, block_table, state, window_key, window_value, key, value, key_mean, value_mean,
-                      hadamard_block, rotate_values) -> None:
-    """Same contract as reference.append_from_state, in three launches (evictions and their encoding, the window
-    ring, the lengths) instead of the reference's dozen small torch ops."""
+def _append(pool, block_table, state, length, num_paged, window_key, window_value, key, value, key_mean,
+            value_mean, hadamard_block, rotate_values) -> None:
+    """The evictions and the window ring update of an append, lengths from `state` or the host integers: one
+    launch when the chunk fits one tile of the write kernel (decode steps), else the write and the ring kernel."""
     if window_key is not None and (window_key.stride() != window_value.stride() or window_key.stride(-1) != 1):
-        raise ValueError("append_from_state: the key and value windows need the same strides, the last one 1")
+        raise ValueError("append: the key and value windows need the same strides, the last one 1")
     key = key if key.stride(-1) == 1 else key.contiguous()
     value = value if value.stride(-1) == 1 else value.contiguous()
     b, h, n, d = key.shape
     ring = window_key.shape[2] if window_key is not None else 0
+    if n == 0:
+        return
+    fused = bool(ring) and n <= TUNING["write_tokens"] and pool is not None
+    if pool is not None:
+        _write_pages(pool, block_table, num_paged, key, value, key_mean, value_mean, hadamard_block, rotate_values,
+                     state, window_key, window_value, length if state is None else None, ring_write=fused)
+    if ring and not fused:
+        kept = min(n, ring)
+        ks, vs, ws = key.stride(), value.stride(), window_key.stride()
+        _launch(_ring_write_kernel, (b * h, 2), (
+            key, ks[0], ks[1], ks[2], value, vs[0], vs[1], vs[2], window_key, window_value, ws[0], ws[1], ws[2],
+            state if state is not None else key, length, n, kept, h,
+        ), dict(R=ring, BLOCK=_next_pow2(kept), D=d, LENGTHS_ON_DEVICE=state is not None))
+
+
+def append_with_window(pool, block_table, length, num_paged, window_key, window_value, key, value, key_mean,
+                       value_mean, hadamard_block, rotate_values) -> None:
+    """Same contract as reference.append_with_window."""
     with _on_device(key):
-        _write_pages(pool, block_table, 0, key, value, key_mean, value_mean, hadamard_block, rotate_values,
-                     state, window_key, window_value)
-        if ring:
-            kept = min(n, ring)
-            _ring_write_kernel[(b * h, 2)](
-                key, key.stride(0), key.stride(1), key.stride(2), value, value.stride(0), value.stride(1),
-                value.stride(2), window_key, window_value, window_key.stride(0), window_key.stride(1),
-                window_key.stride(2), state, n, kept, h, R=ring, BLOCK=_next_pow2(kept), D=d,
-            )
-        _advance_state_kernel[(1,)](state, n, R=ring)
+        _append(pool, block_table, None, length, num_paged, window_key, window_value, key, value, key_mean,
+                value_mean, hadamard_block, rotate_values)
+
+
+def append_from_state(pool, block_table, state, window_key, window_value, key, value, key_mean, value_mean,
+                      hadamard_block, rotate_values) -> None:
+    """Same contract as reference.append_from_state: the evictions and the window ring in one launch for decode
+    steps (two for longer chunks), then the lengths."""
+    with _on_device(key):
+        _append(pool, block_table, state, 0, 0, window_key, window_value, key, value, key_mean, value_mean,
+                hadamard_block, rotate_values)
+        ring = window_key.shape[2] if window_key is not None else 0
+        _launch(_advance_state_kernel, (1,), (state, key.shape[2]), dict(R=ring))
 
 
 def dequantize_pages(pool, block_table, num_tokens, key_mean, value_mean, hadamard_block, rotate_values, dtype):
