@@ -275,6 +275,22 @@ def test_split_attention_merges_like_one_split(fused_merge, queries, monkeypatch
         assert not buffers[3].any()
 
 
+def test_the_launch_cache_key_separates_what_triton_specializes_on():
+    """A compiled kernel is reused for a later launch only if Triton would have picked the same one: the key must
+    tell apart every tensor dtype and 16-byte alignment, and integers equal to 1, divisible by 16, other, and
+    beyond 32 bits (a wrong reuse would run a kernel compiled for other arguments, silently)."""
+    key = triton_kernels._specialization
+    x = torch.zeros(64, device=DEVICE)
+    assert key((x,)) == key((torch.ones(8, device=DEVICE),))
+    assert key((x,)) != key((x[1:],))  # 4 bytes in: not 16-byte aligned
+    assert key((x,)) == key((x[4:],))
+    assert key((x,)) != key((x.half(),))
+    classes = [key((n,)) for n in (1, 16, 17, 0, 2**31, -3)]
+    assert len({classes[0], classes[1], classes[2], classes[4], classes[5]}) == 5
+    assert classes[1] == classes[3] == key((32,)) and classes[2] == key((33,))
+    assert key((0.5,)) == key((2.0,)) and key((True,)) != key((False,)) and key((None,)) != key((0.5,))
+
+
 def test_triton_backend_generates_like_the_torch_backend_on_a_tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -101,6 +101,17 @@ def _hooks_active() -> bool:
     return any(hook is not None and getattr(hook, "calls", True) for hook in hooks)
 
 
+def _specialization(args: tuple) -> tuple:
+    """What Triton compiles a separate kernel for, per runtime argument (finer where it is cheaper: an integer's
+    class even where Triton ignores it)."""
+    return tuple([
+        (a == 1, a % 16 == 0, a >> 31) if a.__class__ is int
+        else (a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor)
+        else (a.__class__, a if a.__class__ is bool else None)  # floats are not specialized
+        for a in args
+    ])
+
+
 def _launch(kernel, grid: tuple, args: tuple, constexprs: dict) -> None:
     """kernel[grid](*args, **constexprs), through the compiled kernel's launcher once that specialization exists."""
     global FAST_LAUNCH
@@ -108,12 +119,7 @@ def _launch(kernel, grid: tuple, args: tuple, constexprs: dict) -> None:
         kernel[grid](*args, **constexprs)
         return
     device = torch.cuda.current_device()
-    key = (kernel, device, tuple(constexprs.items()), tuple([
-        (a == 1, a % 16 == 0, a >> 31) if a.__class__ is int
-        else (a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor)
-        else (a.__class__, a if a.__class__ is bool else None)  # floats are not specialized
-        for a in args
-    ]))
+    key = (kernel, device, tuple(constexprs.items()), _specialization(args))
     entry = _COMPILED.get(key)
     if entry is None:
         compiled = kernel[grid](*args, **constexprs)
