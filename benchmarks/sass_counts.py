@@ -1,7 +1,7 @@
 """Instructions in the decode attention kernel's loops (or the whole write kernel), read from their SASS for sm_90,
 on the CPU (no GPU).
 
-    python benchmarks/sass_counts.py [--block-n 256] [--maxnreg N]
+    python benchmarks/sass_counts.py [--block-n 256] [--maxnreg N] [--merge in-kernel|kernel]
     python benchmarks/sass_counts.py --kernel write [--hadamard-block 64] [--butterfly gather]
 
 Records the launch of one decode call (bfloat16, 32 query heads, 8 KV heads, head dim 128, 4,096 paged tokens,
@@ -90,7 +90,11 @@ def main() -> None:
     parser.add_argument("--butterfly", default="gather", help="write kernel: TUNING['write_butterfly']")
     parser.add_argument("--block-n", type=int, default=None, help="TUNING['decode_block_n'] (default: as tuned)")
     parser.add_argument("--maxnreg", type=int, default=None, help="register cap per thread")
+    parser.add_argument("--merge", choices=["in-kernel", "kernel"], default="in-kernel",
+                        help="decode: the splits merged by the attention kernel's last split (eager) or by the merge "
+                             "kernel (CUDA-graph capture)")
     args = parser.parse_args()
+    triton_kernels.TUNING["fused_merge"] = args.merge == "in-kernel"
     if args.kernel == "write":
         return write_counts(args.hadamard_block, args.butterfly)
     if args.block_n:
