@@ -231,22 +231,24 @@ def append_with_window(pool, block_table, length: int, num_paged: int, window_ke
                     rotate_values)
     if ring and n:
         kept = min(n, ring)
-        slots = (length + torch.arange(n - kept, n, device=key.device)) % ring
-        window_key.index_copy_(2, slots, key[:, :, n - kept :])
-        window_value.index_copy_(2, slots, value[:, :, n - kept :])
+        for window, x in ((window_key, key), (window_value, value)):
+            # Slots (length + j) % R of the newest tokens j: one slice, or two where they wrap around the ring.
+            first = (length + n - kept) % ring
+            head = min(kept, ring - first)
+            window[:, :, first : first + head] = x[:, :, n - kept : n - kept + head]
+            window[:, :, : kept - head] = x[:, :, n - kept + head :]
 
 
 def append_from_state(pool, block_table, state, window_key, window_value, key, value, key_mean, value_mean,
                       hadamard_block, rotate_values) -> None:
     """append_with_window with the lengths read from `state` = [length, num_paged] on the device, which then
-    advances to [length + n, max(num_paged, length + n - R)] (device-side torch ops)."""
+    advances to [length + n, max(num_paged, length + n - R)]."""
     length, paged = (int(x) for x in state.tolist())
     append_with_window(pool, block_table, length, paged, window_key, window_value, key, value, key_mean, value_mean,
                        hadamard_block, rotate_values)
     ring = window_key.shape[2] if window_key is not None else 0
-    new_length = state[0] + key.shape[2]
-    state[1] = torch.maximum(state[1], new_length - ring)
-    state[0] = new_length
+    state[0] = length + key.shape[2]
+    state[1] = max(paged, length + key.shape[2] - ring)
 
 
 def _gather_pages(codes_pool, meta_pool, block_table, start: int, stop: int):

@@ -749,22 +749,22 @@ def _attention_kernel(
             ticket = tl.atomic_add(TICKETS + bh * num_q_blocks + qb, 1, sem="acq_rel")
             if ticket == num_splits - 1:  # every other split has stored its results
                 tl.debug_barrier()
-                acc, m_i, l_i = _merge_partials(PART_M, PART_L, PART_ACC, first, num_splits, M, D, MERGE_CHUNK)
+                acc, m_i, l_i = _merge_partials(PART_M, PART_L, PART_ACC, first, num_splits, rows, M, D,
+                                                MERGE_CHUNK)
                 _finish_and_store(acc, m_i, l_i, SINKS, OUT, b, h, g, qi, row_ok, so_b, so_n, so_h, G, D,
                                   HAS_SINKS)
                 tl.store(TICKETS + bh * num_q_blocks + qb, 0)
 
 
 @triton.jit
-def _merge_partials(PART_M, PART_L, PART_ACC, first, num_splits, M: tl.constexpr, D: tl.constexpr,
+def _merge_partials(PART_M, PART_L, PART_ACC, first, num_splits, rows, M: tl.constexpr, D: tl.constexpr,
                     CHUNK: tl.constexpr):
-    """The M rows' (output, max, sum) merged over splits [0, num_splits), CHUNK splits per load; the loads skip
-    the SM's L1 (other SMs wrote the results during this kernel)."""
-    rows = tl.arange(0, M)
+    """(output, max, sum) of the given rows (of M per split) merged over splits [0, num_splits), CHUNK splits per
+    load; the loads skip the SM's L1 (in the attention kernel, other SMs wrote the results during the kernel)."""
     d = tl.arange(0, D)
-    m_i = tl.full([M], float("-inf"), tl.float32)
-    l_i = tl.zeros([M], tl.float32)
-    acc = tl.zeros([M, D], tl.float32)
+    m_i = tl.full(rows.shape, float("-inf"), tl.float32)
+    l_i = tl.zeros(rows.shape, tl.float32)
+    acc = tl.zeros([rows.shape[0], D], tl.float32)
     for s0 in range(0, num_splits, CHUNK):
         s = s0 + tl.arange(0, CHUNK)
         s_ok = (s < num_splits)[:, None]
@@ -780,6 +780,7 @@ def _merge_partials(PART_M, PART_L, PART_ACC, first, num_splits, M: tl.constexpr
         acc = acc * alpha[:, None] + tl.sum(part_acc * beta[:, :, None], axis=0)
         m_i = m_new
     return acc, m_i, l_i
+
 
 @triton.jit
 def _finish_and_store(acc, m_i, l_i, SINKS, OUT, b, h, g, qi, row_ok, so_b, so_n, so_h, G, D: tl.constexpr,
@@ -809,38 +810,12 @@ def _merge_splits_kernel(
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     row = tl.program_id(2)
-    b = bh // H
-    h = bh % H
-    g = row // BLOCK_Q
-    qi = qb * BLOCK_Q + row % BLOCK_Q
-    if (g < G) & (qi < nq):
-        d = tl.arange(0, D)
-        m_i = tl.max(tl.full([SPLIT_BLOCK], float("-inf"), tl.float32), axis=0)
-        l_i = tl.sum(tl.zeros([SPLIT_BLOCK], tl.float32), axis=0)
-        acc = tl.zeros([D], tl.float32)
-        first = (bh * num_q_blocks + qb) * num_splits
-        for s0 in range(0, num_splits, SPLIT_BLOCK):
-            s = s0 + tl.arange(0, SPLIT_BLOCK)
-            s_ok = s < num_splits
-            part = (first + s) * M + row
-            m_s = tl.load(PART_M + part, mask=s_ok, other=float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(m_s, axis=0))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_safe)
-            beta = tl.exp(m_s - m_safe)
-            l_i = l_i * alpha + tl.sum(tl.load(PART_L + part, mask=s_ok, other=0.0) * beta, axis=0)
-            part_acc = tl.load(PART_ACC + part[:, None] * D + d[None, :], mask=s_ok[:, None], other=0.0)
-            acc = acc * alpha + tl.sum(part_acc * beta[:, None], axis=0)
-            m_i = m_new
-        if HAS_SINKS:
-            sink = tl.load(SINKS + h * G + g).to(tl.float32)
-            m_new = tl.maximum(m_i, sink)
-            alpha = tl.exp(m_i - m_new)
-            l_i = l_i * alpha + tl.exp(sink - m_new)
-            acc = acc * alpha
-        out = acc / tl.where(l_i > 0, l_i, 1.0)
-        ptr = OUT + b * so_b + qi * so_n + (h * G + g) * so_h + d
-        tl.store(ptr, _round_to(out, OUT.dtype.element_ty))
+    if (row // BLOCK_Q < G) & (qb * BLOCK_Q + row % BLOCK_Q < nq):
+        rows = row + tl.arange(0, 1)
+        acc, m_i, l_i = _merge_partials(PART_M, PART_L, PART_ACC, (bh * num_q_blocks + qb) * num_splits, num_splits,
+                                        rows, M, D, SPLIT_BLOCK)
+        _finish_and_store(acc, m_i, l_i, SINKS, OUT, bh // H, bh % H, rows // BLOCK_Q,
+                          qb * BLOCK_Q + rows % BLOCK_Q, rows < M, so_b, so_n, so_h, G, D, HAS_SINKS)
 
 
 # Per (device, stream): the last split attention's buffers for its partial results and merge tickets, reused by the
