@@ -93,6 +93,7 @@ def main() -> None:
     parser.add_argument("--merge", choices=["in-kernel", "kernel"], default="in-kernel",
                         help="decode: the splits merged by the attention kernel's last split (eager) or by the merge "
                              "kernel (CUDA-graph capture)")
+    parser.add_argument("--dump", metavar="DIR", help="also write the decode kernel's TTGIR, PTX and SASS there")
     args = parser.parse_args()
     triton_kernels.TUNING["fused_merge"] = args.merge == "in-kernel"
     if args.kernel == "write":
@@ -115,6 +116,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cubin, usage = disassemble(compiled, tmp)
         found = loops(cubin)
+        if args.dump:
+            os.makedirs(args.dump, exist_ok=True)
+            for kind in ("ttgir", "ptx"):
+                with open(os.path.join(args.dump, f"decode.{kind}"), "w") as f:
+                    f.write(compiled.asm[kind])
+            with open(os.path.join(args.dump, "decode.sass"), "w") as f:
+                f.write(subprocess.run([os.path.join(BIN, "nvdisasm"), "-c", cubin], capture_output=True,
+                                       text=True).stdout)
     regs, stack = re.search(r"REG:(\d+)", usage).group(1), re.search(r"STACK:(\d+)", usage).group(1)
     print(f"decode kernel, BLOCK_N {kwargs['BLOCK_N']}: {regs} registers, {stack} bytes of stack, "
           f"{compiled.metadata.shared} bytes of shared memory")

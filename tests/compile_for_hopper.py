@@ -38,21 +38,31 @@ class Recorder:
 
 
 def compile_launch(kernel, args, kwargs):
+    """Specialized as a GPU launch would be: pointers 16-byte aligned and integers divisible by 16 carry
+    tt.divisibility 16, integers equal to 1 become constants (except do_not_specialize arguments)."""
     names = kernel.arg_names
-    signature, constexprs = {}, {}
-    for name, value in zip(names, args):
+    signature, constexprs, attrs = {}, {}, {}
+    unspecialized = {names[i] if isinstance(i, int) else i for i in kernel.do_not_specialize}
+    for i, (name, value) in enumerate(zip(names, args)):
         if isinstance(value, torch.Tensor):
             signature[name] = "*" + TYPES[value.dtype]
+            if value.data_ptr() % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(value, float):
             signature[name] = "fp32"
+        elif value == 1 and name not in unspecialized:
+            signature[name] = "constexpr"
+            constexprs[(i,)] = 1
         else:
             signature[name] = "i64" if abs(value) >= 2**31 else "i32"
+            if value % 16 == 0 and name not in unspecialized:
+                attrs[(i,)] = [["tt.divisibility", 16]]
     for name, value in kwargs.items():
         if name not in OPTIONS:
             signature[name] = "constexpr"
             constexprs[(names.index(name),)] = value
     options = {k: v for k, v in kwargs.items() if k in OPTIONS}
-    source = ASTSource(kernel, signature, constexprs=constexprs)
+    source = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 

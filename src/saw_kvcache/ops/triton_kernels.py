@@ -34,6 +34,7 @@ import triton.language as tl
 from .reference import PagedKV, hadamard_scale
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_ROUND_BF16_ON_BITS = tl.constexpr(INTERPRET)
 # Launch settings, chosen by `benchmarks/bench_kernels.py --sweep` on an H200 (docs/kernel_notes.md).
 TUNING = {
     "decode": {"num_warps": 4, "num_stages": 2},
@@ -49,7 +50,7 @@ TUNING = {
     "fused_merge": True,  # the last split merges the splits' results (no second kernel) outside CUDA-graph capture
     "write": {"num_warps": 4},
     "write_tokens": 32,  # tokens per program of the write kernel
-    "write_butterfly": "gather",  # "gather" or "reshape" (split/join): how the write kernel pairs elements
+    "write_butterfly": "gather",  # "gather" (partners in other threads by tl.gather) or "reshape" (split/join)
     "rotation_precision": "tf32x3",  # of the in-kernel rotation by tl.dot for 16-bit inputs
 }
 
@@ -138,24 +139,23 @@ def _launch(kernel, grid: tuple, args: tuple, constexprs: dict) -> None:
 
 
 @triton.jit
-def _fwht(x, ROWS: tl.constexpr, D: tl.constexpr, LOG_BLOCK: tl.constexpr, SCALE: tl.constexpr):
-    """Block-diagonal Hadamard rotation of the rows of a [ROWS, D] float32 tile (butterfly, then * SCALE)."""
-    for i in tl.static_range(LOG_BLOCK):
-        y = tl.permute(tl.reshape(x, (ROWS, D // (2 << i), 2, 1 << i)), (0, 1, 3, 2))
-        a, b = tl.split(y)
-        x = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), (ROWS, D))
-    if LOG_BLOCK > 0:
-        x = x * SCALE
-    return x
-
-
-@triton.jit
-def _fwht_by_gather(x, ROWS: tl.constexpr, D: tl.constexpr, LOG_BLOCK: tl.constexpr, SCALE: tl.constexpr):
-    """_fwht with the same float32 operations, each partner fetched by tl.gather instead of reshaping the tile."""
+def _fwht(x, ROWS: tl.constexpr, D: tl.constexpr, LOG_BLOCK: tl.constexpr, SCALE: tl.constexpr,
+          GATHER_FROM: tl.constexpr = 64):
+    """Block-diagonal Hadamard rotation of the rows of a [ROWS, D] float32 tile (butterfly, then * SCALE).
+    Stages below GATHER_FROM pair elements by reshaping the tile, which costs nothing while the pairs lie in one
+    thread's registers (the first log2(elements per 16-byte load) stages) and a shared-memory round trip otherwise;
+    later stages fetch each partner by tl.gather (a warp shuffle). Every stage does the same float32 operations."""
     col = tl.broadcast_to(tl.arange(0, D)[None, :], (ROWS, D))
     for i in tl.static_range(LOG_BLOCK):
-        partner = tl.gather(x, col ^ (1 << i), 1)
-        x = tl.where((col & (1 << i)) == 0, x + partner, partner - x)
+        if i < GATHER_FROM:
+            y = tl.permute(tl.reshape(x, (ROWS, D // (2 << i), 2, 1 << i)), (0, 1, 3, 2))
+            a, b = tl.split(y)
+            x = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), (ROWS, D))
+        else:
+            # (a + b, a - b) as one fused multiply-add with a sign: x * 1 and x * -1 are exact, so each result is
+            # the same single rounding as the twin's sum or difference.
+            partner = tl.gather(x, col ^ (1 << i), 1)
+            x = tl.fma(x, tl.where((col & (1 << i)) == 0, 1.0, -1.0), partner)
     if LOG_BLOCK > 0:
         x = x * SCALE
     return x
@@ -163,9 +163,9 @@ def _fwht_by_gather(x, ROWS: tl.constexpr, D: tl.constexpr, LOG_BLOCK: tl.conste
 
 @triton.jit
 def _round_to(x, ty: tl.constexpr):
-    """float32 -> ty with round-to-nearest-even. For bfloat16 it is done on the bits, because Triton's CPU
-    interpreter truncates instead (the GPU rounds to nearest even, as this does)."""
-    if ty == tl.bfloat16:
+    """float32 -> ty with round-to-nearest-even. For bfloat16 under the CPU interpreter it is done on the bits,
+    because the interpreter truncates instead (the GPU's conversion rounds to nearest even, as this does)."""
+    if ty == tl.bfloat16 and _ROUND_BF16_ON_BITS:
         bits = x.to(tl.int32, bitcast=True)
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
         return (bits >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
@@ -188,7 +188,7 @@ def _write_kernel(
     BT, stride_btb, start, length, n, H,
     HAS_KMEAN: tl.constexpr, HAS_VMEAN: tl.constexpr, D: tl.constexpr, P: tl.constexpr, T: tl.constexpr,
     LOG_BLOCK_K: tl.constexpr, SCALE_K: tl.constexpr, LOG_BLOCK_V: tl.constexpr, SCALE_V: tl.constexpr,
-    GATHER: tl.constexpr, EVICT: tl.constexpr, LENGTHS_ON_DEVICE: tl.constexpr, RING_WRITE: tl.constexpr,
+    GATHER_FROM: tl.constexpr, EVICT: tl.constexpr, LENGTHS_ON_DEVICE: tl.constexpr, RING_WRITE: tl.constexpr,
     R: tl.constexpr,
 ):
     """Keys (program_id(2) == 0) and values (== 1) in one launch: one launch fewer per layer and step.
@@ -201,10 +201,12 @@ def _write_kernel(
     after its own reads of the slots they replace."""
     if tl.program_id(2) == 0:
         _write_tile(XK, s_kb, s_kh, s_kn, KMEAN, KC, KM, WK, s_wb, s_wh, s_wn, STATE, BT, stride_btb, start, length,
-                    n, H, HAS_KMEAN, D, P, T, LOG_BLOCK_K, SCALE_K, GATHER, EVICT, LENGTHS_ON_DEVICE, RING_WRITE, R)
+                    n, H, HAS_KMEAN, D, P, T, LOG_BLOCK_K, SCALE_K, GATHER_FROM, EVICT, LENGTHS_ON_DEVICE, RING_WRITE,
+                    R)
     else:
         _write_tile(XV, s_vb, s_vh, s_vn, VMEAN, VC, VM, WV, s_wb, s_wh, s_wn, STATE, BT, stride_btb, start, length,
-                    n, H, HAS_VMEAN, D, P, T, LOG_BLOCK_V, SCALE_V, GATHER, EVICT, LENGTHS_ON_DEVICE, RING_WRITE, R)
+                    n, H, HAS_VMEAN, D, P, T, LOG_BLOCK_V, SCALE_V, GATHER_FROM, EVICT, LENGTHS_ON_DEVICE, RING_WRITE,
+                    R)
 
 
 @triton.jit
@@ -213,7 +215,7 @@ def _write_tile(
     MEAN, CODES, META, W, stride_wb, stride_wh, stride_wn, STATE, BT, stride_btb,
     start, length, n, H,
     HAS_MEAN: tl.constexpr, D: tl.constexpr, P: tl.constexpr, T: tl.constexpr,
-    LOG_BLOCK: tl.constexpr, SCALE: tl.constexpr, GATHER: tl.constexpr, EVICT: tl.constexpr,
+    LOG_BLOCK: tl.constexpr, SCALE: tl.constexpr, GATHER_FROM: tl.constexpr, EVICT: tl.constexpr,
     LENGTHS_ON_DEVICE: tl.constexpr, RING_WRITE: tl.constexpr, R: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
@@ -244,10 +246,7 @@ def _write_tile(
     x = x.to(tl.float32)
     if HAS_MEAN:
         x = x - tl.load(MEAN + h * D + d)[None, :]
-    if GATHER:
-        x = _fwht_by_gather(x, T, D, LOG_BLOCK, SCALE)
-    else:
-        x = _fwht(x, T, D, LOG_BLOCK, SCALE)
+    x = _fwht(x, T, D, LOG_BLOCK, SCALE, GATHER_FROM)
     meta_ty = META.dtype.element_ty
     x = _round_to(x, meta_ty).to(tl.float32)
     lo = tl.min(x, axis=1)
@@ -341,7 +340,9 @@ def _write_pages(
         HAS_KMEAN=key_mean is not None, HAS_VMEAN=value_mean is not None, D=d, P=pool.k_codes.shape[2], T=tokens,
         LOG_BLOCK_K=_log2(hadamard_block), SCALE_K=hadamard_scale(hadamard_block) if hadamard_block else 1.0,
         LOG_BLOCK_V=_log2(v_block), SCALE_V=hadamard_scale(v_block) if v_block else 1.0,
-        GATHER=TUNING["write_butterfly"] == "gather", EVICT=state is not None or length is not None,
+        # the first log2(elements per 16-byte load) butterfly stages pair elements inside one thread
+        GATHER_FROM=_log2(16 // key.element_size()) if TUNING["write_butterfly"] == "gather" else 64,
+        EVICT=state is not None or length is not None,
         LENGTHS_ON_DEVICE=state is not None, RING_WRITE=ring_write, R=ring, enable_fp_fusion=False,
         **TUNING["write"],
     ))
