@@ -480,25 +480,27 @@ def _int4_to_float16(nibbles):
 
 
 @triton.jit
-def _stack_rows(top, bottom):
-    """[R, C] and [R, C] -> [2R, C]: top's rows, then bottom's."""
-    return tl.reshape(tl.permute(tl.join(top, bottom), (2, 0, 1)), (2 * top.shape[0], top.shape[1]))
+def _piece_rows(x, PIECES: tl.constexpr):
+    """x [R, C] repeated PIECES times along the rows, [PIECES * R, C], and each row's piece index [PIECES * R, 1].
+    A broadcast rather than tl.join keeps each thread's columns contiguous in registers, so that the pieces go to
+    shared memory (and from there to the dot) row-major, in 16-byte accesses instead of single bytes."""
+    rows: tl.constexpr = x.shape[0]
+    cols: tl.constexpr = x.shape[1]
+    copies = tl.reshape(tl.broadcast_to(x[None, :, :], (PIECES, rows, cols)), (PIECES * rows, cols))
+    return copies, (tl.arange(0, PIECES * rows) // rows)[:, None]
 
 
 @triton.jit
-def _int8_pieces(x, ROWS: tl.constexpr, COLS: tl.constexpr, PIECES: tl.constexpr):
-    """x [ROWS, COLS] with |x| <= 127 as PIECES int8 tiles stacked along the rows, [PIECES * ROWS, COLS]:
+def _int8_pieces(x, PIECES: tl.constexpr):
+    """x [R, C] with |x| <= 127 as PIECES int8 tiles stacked along the rows, [PIECES * R, C]:
     x = x_0 + x_1 / 254 + x_2 / 254^2 + ..., each x_i in [-127, 127], error at most 0.5 / 254^(PIECES-1)."""
-    x0 = tl.floor(x + 0.5)
-    r = (x - x0) * 254.0
-    x1 = tl.floor(r + 0.5)
-    out = _stack_rows(x0.to(tl.int8), x1.to(tl.int8))
-    if PIECES == 4:
-        r = (r - x1) * 254.0
-        x2 = tl.floor(r + 0.5)
-        x3 = tl.floor((r - x2) * 254.0 + 0.5)
-        out = _stack_rows(out, _stack_rows(x2.to(tl.int8), x3.to(tl.int8)))
-    return out
+    r, piece = _piece_rows(x, PIECES)
+    out = tl.zeros(r.shape, tl.float32)
+    for i in tl.static_range(PIECES):
+        xi = tl.floor(r + 0.5)
+        out = tl.where(piece == i, xi, out)
+        r = (r - xi) * 254.0
+    return out.to(tl.int8)
 
 
 @triton.jit
@@ -513,11 +515,11 @@ def _sum_pieces(y, ROWS: tl.constexpr, COLS: tl.constexpr, PIECES: tl.constexpr)
 @triton.jit
 def _stack_rounded(x, ty: tl.constexpr, PIECES: tl.constexpr):
     """x [R, C] float32 as ty; for PIECES == 2, [x_hi; x_lo] [2R, C] with x_hi = ty(x), x_lo = ty(x - x_hi)."""
-    out = x.to(ty)
     if PIECES == 2:
-        lo = (x - out.to(tl.float32)).to(ty)
-        out = _stack_rows(out, lo)
-    return out
+        x, piece = _piece_rows(x, 2)
+        hi = x.to(ty)
+        return tl.where(piece == 0, hi, (x - hi.to(tl.float32)).to(ty))
+    return x.to(ty)
 
 
 @triton.jit
@@ -645,7 +647,7 @@ def _attention_kernel(
             q_a, q_b = tl.split(tl.reshape((q_rot * (1.0 / q_step)[:, None]).to(tl.float16), (M, D // 2, 2)))
         else:
             q_step = tl.where(q_amax > 0, q_amax / 127.0, 1.0)
-            q8 = _int8_pieces(q_rot * (1.0 / q_step)[:, None], M, D, PIECES)
+            q8 = _int8_pieces(q_rot * (1.0 / q_step)[:, None], PIECES)
             q_a, q_b = tl.split(tl.reshape(q8, (PIECES * M, D // 2, 2)))
         acc_even = tl.zeros([M, D // 2], tl.float32)
         acc_odd = tl.zeros([M, D // 2], tl.float32)
@@ -684,8 +686,7 @@ def _attention_kernel(
                 pv_odd = tl.dot(p16, _int4_to_float16(v_hi)) * v_pow
             else:
                 p_top = p_max * v_top
-                p8 = _int8_pieces(p * v_scale[None, :] * (127.0 / tl.where(p_top > 0, p_top, 1.0))[:, None],
-                                  M, BLOCK_N, PIECES)
+                p8 = _int8_pieces(p * v_scale[None, :] * (127.0 / tl.where(p_top > 0, p_top, 1.0))[:, None], PIECES)
                 p_back = (p_top * (1.0 / 127.0))[:, None]
                 pv_even = _sum_pieces(tl.dot(p8, v_lo, out_dtype=tl.int32), M, D // 2, PIECES) * p_back
                 pv_odd = _sum_pieces(tl.dot(p8, v_hi, out_dtype=tl.int32), M, D // 2, PIECES) * p_back
