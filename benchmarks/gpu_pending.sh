@@ -13,13 +13,11 @@ step() {  # step NAME SECONDS COMMAND...: run, keep the log, print the tail
     echo "== $name: exit $?"
     grep -E "passed|failed|FAILED|^\|" "$OUT/$name.log" | tail -20
 }
-# The merge inside the attention kernel was timed once, with an unexplained warm 1 x 8k step (docs/performance.md):
-# eager against warm DynamicCache again, with the host time per layer; then the kernel and SmolLM2 GPU tests (the
-# last call's time limit cut the kernel tests after 45 of 56).
-step bench_eager 300 python -m saw_kvcache.cli bench --model llama3-8b --cases 1x8192,16x8192 --new-tokens 16 \
-    --methods saw-eager,dynamic --capacity-context 0 --out "$OUT/bench_eager" --no-progress
-step layer_host_time 200 python benchmarks/layer_host_time.py --context 8192 --batch 1 --calls 300
-step kernel_tests 400 python -m pytest -q tests/test_triton_kernels.py
+# The end-to-end tables predate the decode kernel of 8767ac8 (10-19% faster per layer): all four methods at 8k in
+# one run. Then the SmolLM2 GPU tests (last run at d714974) and the variant comparison script, which was written
+# after the run it reproduces (docs/performance.md).
+step bench_8k 500 python -m saw_kvcache.cli bench --model llama3-8b --cases 1x8192,16x8192 --new-tokens 16 \
+    --methods saw-compiled,static-compiled,saw-eager,dynamic --capacity-context 0 --out "$OUT/bench_8k" --no-progress
 step smollm2_gpu 300 python -m pytest -q tests/test_smollm2.py -k gpu
-# Greedy paths in bfloat16 against two full-precision attentions (did not finish in 120 s).
-step greedy_divergence 400 python benchmarks/greedy_divergence.py --tokens 64
+step decode_variants 300 python benchmarks/decode_variants.py --commit d714974 \
+    --patch benchmarks/experiments/value_codes_by_token.patch
