@@ -64,12 +64,11 @@ def time_graph(fn, layers: int, repeats: int = 20, trials: int = 5) -> float:
 def random_pool(batch: int, tokens: int, device="cuda"):
     pages_per_seq = math.ceil(tokens / PAGE)
     num_pages = batch * pages_per_seq
-    pool = reference.PagedKV(
-        torch.randint(0, 256, (num_pages, HKV, PAGE, D // 2), dtype=torch.uint8, device=device),
-        (torch.rand(num_pages, HKV, PAGE, 2, device=device) * 0.05).to(DTYPE),
-        torch.randint(0, 256, (num_pages, HKV, PAGE, D // 2), dtype=torch.uint8, device=device),
-        (torch.rand(num_pages, HKV, PAGE, 2, device=device) * 0.05).to(DTYPE),
-    )
+    pool = reference.allocate_pool(num_pages, HKV, PAGE, D, DTYPE, device)
+    for codes in (pool.k_codes, pool.v_codes):
+        codes.random_(0, 256)
+    for meta in (pool.k_meta, pool.v_meta):
+        meta.uniform_(0.0, 0.05)
     table = torch.randperm(num_pages, device=device).view(batch, pages_per_seq).int()
     return pool, table
 

@@ -36,9 +36,7 @@ def main() -> None:
         setattr(triton_kernels, name, _NoLaunch())
     triton_kernels._programs_wanted = lambda device: 2 * 132  # plan as on an H200
     h, g, d, pages = 8, 4, 128, 70
-    codes = lambda: torch.zeros(pages, h, 64, d // 2, dtype=torch.uint8)  # noqa: E731
-    meta = lambda: torch.ones(pages, h, 64, 2, dtype=torch.bfloat16)  # noqa: E731
-    pool = reference.PagedKV(codes(), meta(), codes(), meta())
+    pool = reference.allocate_pool(pages, h, 64, d, torch.bfloat16, code_fill=0, meta_fill=1.0)
     table = torch.arange(64, dtype=torch.int32).view(1, 64)
     query = torch.randn(1, h * g, 1, d).to(torch.bfloat16)
     ring = torch.randn(1, h, 64, d).to(torch.bfloat16)

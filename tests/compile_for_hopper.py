@@ -67,9 +67,7 @@ def compile_launch(kernel, args, kwargs):
 
 
 def pool(pages, heads, page_size, head_dim, dtype):
-    codes = lambda: torch.zeros(pages, heads, page_size, head_dim // 2, dtype=torch.uint8)  # noqa: E731
-    meta = lambda: torch.ones(pages, heads, page_size, 2, dtype=dtype)  # noqa: E731
-    return reference.PagedKV(codes(), meta(), codes(), meta())
+    return reference.allocate_pool(pages, heads, page_size, head_dim, dtype, code_fill=0, meta_fill=1.0)
 
 
 def calls():

@@ -19,9 +19,8 @@ from saw_kvcache.paged import PagedKVStore
 
 def empty_pool(num_pages: int, heads: int, page_size: int, head_dim: int, dtype, poison: bool) -> PagedKV:
     """A page pool; with poison, every code byte is 255 and every scale/offset NaN until written."""
-    codes = lambda: torch.full((num_pages, heads, page_size, head_dim // 2), 255 if poison else 0, dtype=torch.uint8)  # noqa: E731
-    meta = lambda: torch.full((num_pages, heads, page_size, 2), float("nan") if poison else 0.0, dtype=dtype)  # noqa: E731
-    return PagedKV(codes(), meta(), codes(), meta())
+    return R.allocate_pool(num_pages, heads, page_size, head_dim, dtype, code_fill=255 if poison else 0,
+                           meta_fill=float("nan") if poison else 0.0)
 
 
 def random_block_table(batch: int, columns: int, num_pages: int) -> torch.Tensor:

@@ -262,8 +262,16 @@ def test_flipped_byte_anywhere_in_the_header_is_rejected(saved, tmp_path):
 def test_newer_format_version_is_rejected(saved, tmp_path):
     path = saved[2]
     bumped = rewritten(tmp_path, path, lambda m: m.update(format_version=str(FORMAT_VERSION + 1)))
-    with pytest.raises(CacheFileError, match=r"format version '2'.*reads version 1.*newer saw_kvcache"):
+    with pytest.raises(CacheFileError, match=rf"format version '{FORMAT_VERSION + 1}'.*reads version "
+                                             rf"{FORMAT_VERSION} only.*newer saw_kvcache"):
         SawInt4Cache.load(bumped)
+
+
+def test_version_1_files_are_refused(saved, tmp_path):
+    """Version 1 stored value codes like key codes: read as version 2 they would decode to other values."""
+    old = rewritten(tmp_path, saved[2], lambda m: m.update(format_version="1"))
+    with pytest.raises(CacheFileError, match=rf"format version '1', but this saw_kvcache reads version {FORMAT_VERSION}"):
+        SawInt4Cache.load(old)
 
 
 def test_other_safetensors_file_is_not_a_cache(tmp_path):

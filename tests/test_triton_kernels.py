@@ -26,9 +26,8 @@ PAGE = 16
 
 def make_pool(num_pages, heads, head_dim, dtype, page_size=PAGE, poison=True):
     """A pool whose every byte is garbage (NaN scales and offsets) until written."""
-    codes = lambda: torch.full((num_pages, heads, page_size, head_dim // 2), 255, dtype=torch.uint8, device=DEVICE)  # noqa: E731
-    meta = lambda: torch.full((num_pages, heads, page_size, 2), float("nan") if poison else 0.0, dtype=dtype, device=DEVICE)  # noqa: E731
-    return reference.PagedKV(codes(), meta(), codes(), meta())
+    return reference.allocate_pool(num_pages, heads, page_size, head_dim, dtype, DEVICE, code_fill=255,
+                                   meta_fill=float("nan") if poison else 0.0)
 
 
 def shuffled_block_table(batch, pages_per_seq, num_pages):

@@ -237,12 +237,7 @@ class PagedKVStore:
         mb, pps, p = self.max_batch_size, self.pages_per_sequence, self.page_size
         kw = dict(device=key.device)
         n = mb * pps
-        self.pool = PagedKV(
-            torch.empty(n, h, p, d // 2, dtype=torch.uint8, **kw),
-            torch.empty(n, h, p, 2, dtype=key.dtype, **kw),
-            torch.empty(n, h, p, d // 2, dtype=torch.uint8, **kw),
-            torch.empty(n, h, p, 2, dtype=key.dtype, **kw),
-        )
+        self.pool = reference.allocate_pool(n, h, p, d, key.dtype, key.device)
         self.free_pages = []
         self._static_table_host = torch.arange(n, dtype=torch.int32).view(mb, pps)
         self._static_table = self._static_table_host.to(key.device)
@@ -296,8 +291,9 @@ class PagedKVStore:
         try:
             # One buffer at a time, each old one released as soon as it is copied: the growth's peak is the old
             # pool plus one new buffer, not the old pool plus the whole new one (more sequences fit in memory).
-            for i, (last, dtype) in enumerate(((d // 2, torch.uint8), (2, self.dtype)) * 2):
-                grown = torch.empty(new, h, p, last, dtype=dtype, device=self.device)
+            shapes = ((p, d // 2), (p, 2), (d, p // 2), (p, 2))  # values token-major (PagedKV)
+            for i, (shape, dtype) in enumerate(zip(shapes, (torch.uint8, self.dtype) * 2)):
+                grown = torch.empty(new, h, *shape, dtype=dtype, device=self.device)
                 if old:
                     grown[:old].copy_(parts[i][:old])
                 parts[i] = grown
@@ -545,9 +541,10 @@ class PagedKVStore:
 
         Returns a dict, tensors on the store's device:
           * scalars ``length``, ``num_paged``, ``batch_size``, ``num_heads``, ``head_dim``, ``dtype``, ``device``;
-          * ``pages``: a PagedKV of the pages in use in block-table order, codes [B, n_columns, H, P, D/2] and
-            meta [B, n_columns, H, P, 2]; a page shared by several sequences (after a beam reorder) appears once per
-            sequence; slots at or after ``num_paged`` (stale or never written) are zero;
+          * ``pages``: a PagedKV of the pages in use in block-table order, key codes [B, n_columns, H, P, D/2],
+            value codes [B, n_columns, H, D, P/2] (token-major) and meta [B, n_columns, H, P, 2]; a page shared by
+            several sequences (after a beam reorder) appears once per sequence; slots at or after ``num_paged``
+            (stale or never written) are zero;
           * ``window_key``/``window_value``: positions [num_paged, length) in position order, [B, H, n, D]
             (None when residual_length is 0);
           * ``key_mean``/``value_mean``: [H, D] float32 or None.
@@ -561,14 +558,18 @@ class PagedKVStore:
             pages = PagedKV(*(t[ids] for t in self.pool))  # advanced indexing copies
             tail = self.num_paged - (columns - 1) * self.page_size
             if tail < self.page_size:
-                for t in pages:
+                for t in (pages.k_codes, pages.k_meta, pages.v_meta):
                     t[:, -1, :, tail:] = 0
+                pages.v_codes[:, -1, :, :, (tail + 1) // 2 :] = 0  # token-major: bytes hold tokens 2j, 2j + 1
+                if tail % 2:
+                    pages.v_codes[:, -1, :, :, tail // 2] &= 15
         else:
             p, d, h, b = self.page_size, self.head_dim, self.num_heads, self.batch_size
             kw = dict(device=self.device)
             codes = torch.zeros(b, 0, h, p, d // 2, dtype=torch.uint8, **kw)
             meta = torch.zeros(b, 0, h, p, 2, dtype=self.dtype, **kw)
-            pages = PagedKV(codes, meta, codes.clone(), meta.clone())
+            value_codes = torch.zeros(b, 0, h, d, p // 2, dtype=torch.uint8, **kw)
+            pages = PagedKV(codes, meta, value_codes, meta.clone())
         window = None
         if self.config.residual_length:
             window = self._window(self.num_paged, self.length)

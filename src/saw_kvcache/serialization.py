@@ -5,18 +5,21 @@
 
 The file holds the cache in its 4-bit form: only the pages in use, their scales and offsets, the centering
 vectors, the full-precision window, the sequence lengths, the configuration, the format version, a fingerprint of
-the model's shape and a checksum. Format version 1 (docs/serialization.md):
+the model's shape and a checksum. Format version 2 (docs/serialization.md; version 1 stored value codes like key
+codes, and is refused):
 
 tensors, for each layer i (``layers.{i}.``):
-    k_codes, v_codes    uint8        [B, C, H, P, D/2]  the C = ceil(num_paged / P) pages of each sequence, in
+    k_codes             uint8        [B, C, H, P, D/2]  the C = ceil(num_paged / P) pages of each sequence, in
                                                        block-table order; slots at or after num_paged are zero
+    v_codes             uint8        [B, C, H, D, P/2]  the same pages, token-major: byte j of a dim holds tokens
+                                                       2j (low nibble) and 2j + 1
     k_meta, v_meta      model dtype  [B, C, H, P, 2]    scale and offset of each token and head
     window_key/_value   model dtype  [B, H, length - num_paged, D]  positions [num_paged, length) in order;
                                                        present exactly when residual_length > 0
     key_mean/value_mean float32      [H, D]             present when the layer centers keys/values
 metadata (strings):
     format              "saw_kvcache.SawInt4Cache"
-    format_version      "1"
+    format_version      "2"
     config              SawInt4Config as JSON
     fingerprint         JSON {num_layers, kv_heads, head_dim, dtype} (kv_heads/head_dim: a list if layers differ)
     layers              JSON list of {length, num_paged, batch, device}, one per layer
@@ -47,7 +50,7 @@ from .ops import PagedKV, get_backend
 from .paged import SUPPORTED_DTYPES
 
 FORMAT_NAME = "saw_kvcache.SawInt4Cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _DTYPES = {str(dtype).removeprefix("torch."): dtype for dtype in SUPPORTED_DTYPES}
 _FINGERPRINT_KEYS = ("num_layers", "kv_heads", "head_dim", "dtype")
 _LAYER_KEYS = ("length", "num_paged", "batch", "device")
@@ -264,8 +267,9 @@ def _expected_tensors(config: SawInt4Config, fp: dict, layers: list[dict], prese
         d = fp["head_dim"][i] if isinstance(fp["head_dim"], list) else fp["head_dim"]
         b, length, num_paged, prefix = layer["batch"], layer["length"], layer["num_paged"], f"layers.{i}."
         columns = math.ceil(num_paged / p)
+        expected[f"{prefix}k_codes"] = (torch.uint8, (b, columns, h, p, d // 2))
+        expected[f"{prefix}v_codes"] = (torch.uint8, (b, columns, h, d, p // 2))  # token-major (version 2)
         for kind in ("k", "v"):
-            expected[f"{prefix}{kind}_codes"] = (torch.uint8, (b, columns, h, p, d // 2))
             expected[f"{prefix}{kind}_meta"] = (dtype, (b, columns, h, p, 2))
         if r:
             for name in ("window_key", "window_value"):

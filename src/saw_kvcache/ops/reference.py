@@ -28,12 +28,31 @@ QUERY_BLOCK = 1024
 
 
 class PagedKV(NamedTuple):
-    """One layer's page pool: codes uint8 [N, H, P, D/2], meta [N, H, P, 2] (scale, offset) in the model dtype."""
+    """One layer's page pool, meta [N, H, P, 2] (scale, offset) in the model dtype. Key codes are uint8
+    [N, H, P, D/2], byte i of a token holding dims 2i (low nibble) and 2i + 1. Value codes are stored token-major,
+    uint8 [N, H, D, P/2], byte j of a dim holding tokens 2j (low nibble) and 2j + 1: p @ V reduces over tokens, and
+    int8 tensor-core operands need the reduction dim contiguous (docs/design.md)."""
 
     k_codes: torch.Tensor
     k_meta: torch.Tensor
     v_codes: torch.Tensor
     v_meta: torch.Tensor
+
+
+def allocate_pool(num_pages: int, heads: int, page_size: int, head_dim: int, dtype: torch.dtype,
+                  device: torch.device | str = "cpu", code_fill: Optional[int] = None,
+                  meta_fill: Optional[float] = None) -> PagedKV:
+    """A page pool of the shapes PagedKV describes: uninitialized, or filled with code_fill / meta_fill."""
+    def make(shape, tensor_dtype, fill):
+        if fill is None:
+            return torch.empty(shape, dtype=tensor_dtype, device=device)
+        return torch.full(shape, fill, dtype=tensor_dtype, device=device)
+
+    meta = (num_pages, heads, page_size, 2)
+    return PagedKV(make((num_pages, heads, page_size, head_dim // 2), torch.uint8, code_fill),
+                   make(meta, dtype, meta_fill),
+                   make((num_pages, heads, head_dim, page_size // 2), torch.uint8, code_fill),
+                   make(meta, dtype, meta_fill))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -146,6 +165,13 @@ def decode(codes: torch.Tensor, meta: torch.Tensor, mean: Optional[torch.Tensor]
 # --------------------------------------------------------------------------------------------------------------
 
 
+def transpose_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., R, C/2] of 4-bit codes packed along C (low nibble first) -> [..., C, R/2] packed along R: the
+    page layout of values from token rows and back (the operation is its own inverse)."""
+    nibbles = torch.stack((codes & 15, codes >> 4), -1).flatten(-2).transpose(-1, -2)
+    return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+
+
 def _page_slots(block_table: torch.Tensor, start: int, count: int, page_size: int):
     positions = torch.arange(start, start + count, device=block_table.device)
     pages = block_table[:, positions // page_size].long()  # [B, n]
@@ -173,14 +199,21 @@ def write_pages(
     page_size = pool.k_codes.shape[2]
     pages, slots = _page_slots(block_table, start, n, page_size)
     v_block = hadamard_block if rotate_values else 0
-    for codes_pool, meta_pool, x, mean, block in (
-        (pool.k_codes, pool.k_meta, key, key_mean, hadamard_block),
-        (pool.v_codes, pool.v_meta, value, value_mean, v_block),
+    for codes_pool, meta_pool, x, mean, block, values in (
+        (pool.k_codes, pool.k_meta, key, key_mean, hadamard_block, False),
+        (pool.v_codes, pool.v_meta, value, value_mean, v_block, True),
     ):
         codes, meta = encode(x, mean, block)
         # Advanced indices around a slice put their dims first: the target is [B, n, H, ...].
-        codes_pool[pages, :, slots] = codes.transpose(1, 2)
         meta_pool[pages, :, slots] = meta.transpose(1, 2).to(meta_pool.dtype)
+        if not values:
+            codes_pool[pages, :, slots] = codes.transpose(1, 2)
+            continue
+        # Values: the touched pages as token rows, the new rows written, the pages stored back token-major.
+        touched = torch.unique(pages)
+        rows = transpose_nibbles(codes_pool[touched])
+        rows[torch.searchsorted(touched, pages), :, slots] = codes.transpose(1, 2)
+        codes_pool[touched] = transpose_nibbles(rows)
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -251,13 +284,15 @@ def append_from_state(pool, block_table, state, window_key, window_value, key, v
     state[1] = max(paged, length + key.shape[2] - ring)
 
 
-def _gather_pages(codes_pool, meta_pool, block_table, start: int, stop: int):
-    """Codes and meta of positions [start, stop) (start page-aligned): [B, H, stop - start, ...]."""
-    page_size = codes_pool.shape[2]
+def _gather_pages(codes_pool, meta_pool, block_table, start: int, stop: int, values: bool = False):
+    """Codes and meta of positions [start, stop) (start page-aligned): [B, H, stop - start, ...], the codes packed
+    along the head dim (value pages, stored token-major, are transposed back)."""
+    page_size = meta_pool.shape[2]
     first, last = start // page_size, (stop + page_size - 1) // page_size
     ids = block_table[:, first:last].long()
     b, n_pages = ids.shape
-    codes = codes_pool[ids].permute(0, 2, 1, 3, 4).reshape(b, codes_pool.shape[1], n_pages * page_size, codes_pool.shape[3])
+    pages = transpose_nibbles(codes_pool[ids]) if values else codes_pool[ids]
+    codes = pages.permute(0, 2, 1, 3, 4).reshape(b, pages.shape[2], n_pages * page_size, pages.shape[4])
     meta = meta_pool[ids].permute(0, 2, 1, 3, 4).reshape(b, meta_pool.shape[1], n_pages * page_size, 2)
     count = stop - start
     return codes[:, :, :count], meta[:, :, :count]
@@ -275,7 +310,7 @@ def dequantize_pages(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values of positions [0, num_tokens), back in the model's frame: [B, H, num_tokens, D] in dtype."""
     k_codes, k_meta = _gather_pages(pool.k_codes, pool.k_meta, block_table, 0, num_tokens)
-    v_codes, v_meta = _gather_pages(pool.v_codes, pool.v_meta, block_table, 0, num_tokens)
+    v_codes, v_meta = _gather_pages(pool.v_codes, pool.v_meta, block_table, 0, num_tokens, values=True)
     keys = decode(k_codes, k_meta, key_mean, hadamard_block)
     values = decode(v_codes, v_meta, value_mean, hadamard_block if rotate_values else 0)
     return keys.to(dtype), values.to(dtype)
@@ -408,7 +443,7 @@ def paged_attention(
             for start in range(0, num_paged, chunk):
                 stop = min(num_paged, start + chunk)
                 k_codes, k_meta = _gather_pages(pool.k_codes, pool.k_meta, block_table, start, stop)
-                v_codes, v_meta = _gather_pages(pool.v_codes, pool.v_meta, block_table, start, stop)
+                v_codes, v_meta = _gather_pages(pool.v_codes, pool.v_meta, block_table, start, stop, values=True)
                 scores = _scores(q_rot, dequantize_int4(k_codes, k_meta), scaling, softcap, bias)
                 state.add(_apply_mask(scores, qmask, q_positions, start, stop), dequantize_int4(v_codes, v_meta))
             # Back to the model's frame: sum p (H v + mean) = H (sum p v) + (sum p) mean.

@@ -202,11 +202,11 @@ def _write_kernel(
     if tl.program_id(2) == 0:
         _write_tile(XK, s_kb, s_kh, s_kn, KMEAN, KC, KM, WK, s_wb, s_wh, s_wn, STATE, BT, stride_btb, start, length,
                     n, H, HAS_KMEAN, D, P, T, LOG_BLOCK_K, SCALE_K, GATHER_FROM, EVICT, LENGTHS_ON_DEVICE, RING_WRITE,
-                    R)
+                    R, False)
     else:
         _write_tile(XV, s_vb, s_vh, s_vn, VMEAN, VC, VM, WV, s_wb, s_wh, s_wn, STATE, BT, stride_btb, start, length,
                     n, H, HAS_VMEAN, D, P, T, LOG_BLOCK_V, SCALE_V, GATHER_FROM, EVICT, LENGTHS_ON_DEVICE, RING_WRITE,
-                    R)
+                    R, True)
 
 
 @triton.jit
@@ -216,21 +216,25 @@ def _write_tile(
     start, length, n, H,
     HAS_MEAN: tl.constexpr, D: tl.constexpr, P: tl.constexpr, T: tl.constexpr,
     LOG_BLOCK: tl.constexpr, SCALE: tl.constexpr, GATHER_FROM: tl.constexpr, EVICT: tl.constexpr,
-    LENGTHS_ON_DEVICE: tl.constexpr, RING_WRITE: tl.constexpr, R: tl.constexpr,
+    LENGTHS_ON_DEVICE: tl.constexpr, RING_WRITE: tl.constexpr, R: tl.constexpr, TOKEN_MAJOR: tl.constexpr,
 ):
+    """TOKEN_MAJOR: the codes go to value pages, [D, P/2] bytes per page and head, byte j of a dimension holding
+    tokens 2j (low nibble) and 2j + 1 (see reference.PagedKV)."""
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    t = pid_t * T + tl.arange(0, T)
+    if EVICT and LENGTHS_ON_DEVICE:
+        length = tl.load(STATE)
+        start = tl.load(STATE + 1)
+    # Tiles of T tokens at absolute positions that are multiples of T (T divides P): a value byte holds two
+    # neighbouring tokens, and no byte is written by two programs.
+    t = pid_t * T + tl.arange(0, T) - start % T
     d = tl.arange(0, D)
     n_chunk = n
     if EVICT:
-        if LENGTHS_ON_DEVICE:
-            length = tl.load(STATE)
-            start = tl.load(STATE + 1)
         n = tl.maximum(length + n - R, start) - start
-        t_ok = t < n
+        t_ok = (t >= 0) & (t < n)
         from_x = (start + t >= length)[:, None] & t_ok[:, None]
         x = tl.load(X + b * stride_xb + h * stride_xh + (start + t - length)[:, None] * stride_xn + d[None, :],
                     mask=from_x, other=0.0)
@@ -240,7 +244,7 @@ def _write_tile(
                         mask=from_w, other=0.0)
             x = x + w
     else:
-        t_ok = t < n
+        t_ok = (t >= 0) & (t < n)
         x = tl.load(X + b * stride_xb + h * stride_xh + t[:, None] * stride_xn + d[None, :], mask=t_ok[:, None],
                     other=0.0)
     x = x.to(tl.float32)
@@ -268,12 +272,26 @@ def _write_tile(
     inv = tl.where(scale_f > 0, tl.fdiv(tl.full(scale_f.shape, 1.0, tl.float32), nonzero, ieee_rounding=True), 0.0)
     q = tl.floor((x - lo[:, None]) * inv[:, None] + 0.5)
     q = tl.minimum(tl.maximum(q, 0.0), 15.0).to(tl.uint8)
-    even, odd = tl.split(tl.reshape(q, (T, D // 2, 2)))
-    packed = even | (odd << 4)
     pos = start + t
     page = tl.load(BT + b * stride_btb + pos // P, mask=t_ok, other=0)
     row = (page.to(tl.int64) * H + h) * P + pos % P
-    tl.store(CODES + row[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :], packed, mask=t_ok[:, None])
+    if TOKEN_MAJOR:
+        # [D, T/2] bytes of the tile's page; where only one token of a pair is written, the other one's nibble
+        # (written by an earlier launch, or never) is kept.
+        q_even, q_odd = tl.split(tl.permute(tl.reshape(q, (T // 2, 2, D)), (2, 0, 1)))
+        ok_even, ok_odd = tl.split(tl.reshape(t_ok, (T // 2, 2)))
+        first = start - start % T + pid_t * T
+        used = tl.max(t_ok.to(tl.int32), axis=0) > 0
+        tile_page = tl.load(BT + b * stride_btb + first // P, mask=used, other=0).to(tl.int64)
+        j = (first % P) // 2 + tl.arange(0, T // 2)
+        at = CODES + ((tile_page * H + h) * D + d[:, None]) * (P // 2) + j[None, :]
+        old = tl.load(at, mask=((ok_even != ok_odd))[None, :], other=0)
+        byte = tl.where(ok_even[None, :], q_even, old & 15) | (tl.where(ok_odd[None, :], q_odd, old >> 4) << 4)
+        tl.store(at, byte, mask=(ok_even | ok_odd)[None, :])
+    else:
+        even, odd = tl.split(tl.reshape(q, (T, D // 2, 2)))
+        tl.store(CODES + row[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :], even | (odd << 4),
+                 mask=t_ok[:, None])
     tl.store(META + row * 2, scale, mask=t_ok)
     tl.store(META + row * 2 + 1, _round_to(lo, meta_ty), mask=t_ok)
     if RING_WRITE:
@@ -314,16 +332,17 @@ def _write_pages(
 ) -> None:
     """Same contract as reference.write_pages. With `length` (or `state` = [length, num_paged] on the device),
     the eviction step of appending key/value to a cache of `length` tokens whose pages hold [0, start) (see
-    _write_kernel's EVICT); with ring_write (n <= TUNING["write_tokens"]) the window ring update too."""
+    _write_kernel's EVICT); with ring_write (one token) the window ring update too."""
     b, h, n, d = key.shape
-    tokens = TUNING["write_tokens"]
+    page_size = pool.k_codes.shape[2]
+    tokens = min(TUNING["write_tokens"], page_size)  # tiles are aligned to multiples of `tokens` (_write_tile)
     ring = window_key.shape[2] if window_key is not None else 0
     if state is not None:
-        tiles = _cdiv(n, tokens)  # at most n evictions; the kernel reads how many
+        tiles = _cdiv(n - 1, tokens) + 1  # at most n evictions from any position; the kernel reads which
     elif length is not None:
-        tiles = max(_cdiv(max(start, length + n - ring) - start, tokens), int(ring_write))
+        tiles = max(_cdiv(start % tokens + max(start, length + n - ring) - start, tokens), int(ring_write))
     else:
-        tiles = _cdiv(n, tokens)
+        tiles = _cdiv(start % tokens + n, tokens)
     if tiles == 0:
         return
     key = key if key.stride(-1) == 1 else key.contiguous()
@@ -337,7 +356,7 @@ def _write_pages(
         pool.v_meta, wv, ws[0], ws[1], ws[2], state if state is not None else block_table,
         block_table, block_table.stride(0), start, length or 0, n, h,
     ), dict(
-        HAS_KMEAN=key_mean is not None, HAS_VMEAN=value_mean is not None, D=d, P=pool.k_codes.shape[2], T=tokens,
+        HAS_KMEAN=key_mean is not None, HAS_VMEAN=value_mean is not None, D=d, P=page_size, T=tokens,
         LOG_BLOCK_K=_log2(hadamard_block), SCALE_K=hadamard_scale(hadamard_block) if hadamard_block else 1.0,
         LOG_BLOCK_V=_log2(v_block), SCALE_V=hadamard_scale(v_block) if v_block else 1.0,
         # the first log2(elements per 16-byte load) butterfly stages pair elements inside one thread
@@ -358,7 +377,9 @@ def _dequantize_kernel(
     CODES, META, BT, stride_btb, MEAN, OUT, stride_ob, stride_oh, stride_on,
     num_tokens, H,
     HAS_MEAN: tl.constexpr, D: tl.constexpr, P: tl.constexpr, LOG_BLOCK: tl.constexpr, SCALE: tl.constexpr,
+    TOKEN_MAJOR: tl.constexpr,
 ):
+    """TOKEN_MAJOR: value pages, [D, P/2] bytes (reference.PagedKV)."""
     col = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -366,12 +387,18 @@ def _dequantize_kernel(
     slot = tl.arange(0, P)
     pos = col * P + slot
     ok = pos < num_tokens
-    page = tl.load(BT + b * stride_btb + col)
-    row = (page.to(tl.int64) * H + h) * P + slot
-    codes = tl.load(CODES + row[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :], mask=ok[:, None], other=0)
+    page = tl.load(BT + b * stride_btb + col).to(tl.int64)
+    row = (page * H + h) * P + slot
+    if TOKEN_MAJOR:
+        d_rows = (page * H + h) * D + tl.arange(0, D)
+        codes = tl.load(CODES + d_rows[:, None] * (P // 2) + tl.arange(0, P // 2)[None, :])  # [D, P/2]
+        q = tl.trans(tl.reshape(tl.join((codes & 15).to(tl.float32), (codes >> 4).to(tl.float32)), (D, P)))
+        q = tl.where(ok[:, None], q, 0.0)
+    else:
+        codes = tl.load(CODES + row[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :], mask=ok[:, None], other=0)
+        q = tl.reshape(tl.join((codes & 15).to(tl.float32), (codes >> 4).to(tl.float32)), (P, D))
     scale = tl.load(META + row * 2, mask=ok, other=0.0).to(tl.float32)
     offset = tl.load(META + row * 2 + 1, mask=ok, other=0.0).to(tl.float32)
-    q = tl.reshape(tl.join((codes & 15).to(tl.float32), (codes >> 4).to(tl.float32)), (P, D))
     x = offset[:, None] + q * scale[:, None]
     x = _fwht(x, P, D, LOG_BLOCK, SCALE)
     d = tl.arange(0, D)
@@ -396,9 +423,9 @@ def _dequantize_pages(
     _, h, page_size, half = pool.k_codes.shape
     d = 2 * half
     outs = []
-    for codes, meta, mean, block in (
-        (pool.k_codes, pool.k_meta, key_mean, hadamard_block),
-        (pool.v_codes, pool.v_meta, value_mean, hadamard_block if rotate_values else 0),
+    for codes, meta, mean, block, token_major in (
+        (pool.k_codes, pool.k_meta, key_mean, hadamard_block, False),
+        (pool.v_codes, pool.v_meta, value_mean, hadamard_block if rotate_values else 0, True),
     ):
         out = torch.empty(b, h, num_tokens, d, dtype=dtype, device=codes.device)
         if num_tokens:
@@ -406,7 +433,7 @@ def _dequantize_pages(
                 codes, meta, block_table, block_table.stride(0), mean if mean is not None else meta,
                 out, out.stride(0), out.stride(1), out.stride(2), num_tokens, h,
                 HAS_MEAN=mean is not None, D=d, P=page_size,
-                LOG_BLOCK=_log2(block), SCALE=hadamard_scale(block) if block else 1.0,
+                LOG_BLOCK=_log2(block), SCALE=hadamard_scale(block) if block else 1.0, TOKEN_MAJOR=token_major,
                 enable_fp_fusion=False,
             )
         outs.append(out)
@@ -551,12 +578,12 @@ def _tile_pages(BT, b, s_bt, tile, stop, cols, BLOCK_N: tl.constexpr, P: tl.cons
 
 
 @triton.jit
-def _tile_loads(KC, KM, VC, VM, page, tile, stop, cols, h, H, D: tl.constexpr, BLOCK_N: tl.constexpr,
+def _tile_loads(KC, KM, VM, page, tile, stop, cols, h, H, D: tl.constexpr, BLOCK_N: tl.constexpr,
                 P: tl.constexpr, CODE_ALIGN: tl.constexpr, META_ALIGN: tl.constexpr):
-    """Codes [BLOCK_N, D/2] and (scale, offset) [BLOCK_N, 2] of K and V for step `tile`, all requested together.
-    Slots from position `stop` on (past the sequence or this split) read as code 0, scale 0, offset 0, whatever
-    the pool holds there, NaN included, and cost no memory traffic. Each token's row starts 16-byte aligned
-    (codes) and 4-byte aligned (meta) when the pools do, which the launcher checks: the hints make every
+    """K's codes [BLOCK_N, D/2] and the (scale, offset) [BLOCK_N, 2] of K and V for step `tile`, all requested
+    together. Slots from position `stop` on (past the sequence or this split) read as code 0, scale 0, offset 0,
+    whatever the pool holds there, NaN included, and cost no memory traffic. Each token's row starts 16-byte
+    aligned (codes) and 4-byte aligned (meta) when the pools do, which the launcher checks: the hints make every
     row one or a few wide loads instead of one load per byte."""
     pos = tile * BLOCK_N + cols
     ok = (pos < stop)[:, None]
@@ -564,12 +591,26 @@ def _tile_loads(KC, KM, VC, VM, page, tile, stop, cols, h, H, D: tl.constexpr, B
     half = tl.arange(0, D // 2)
     pair = tl.arange(0, 2)
     k_row = tl.multiple_of(KC + row * (D // 2), CODE_ALIGN)
-    v_row = tl.multiple_of(VC + row * (D // 2), CODE_ALIGN)
     k_codes = tl.load(k_row[:, None] + half[None, :], mask=ok, other=0)
-    v_codes = tl.load(v_row[:, None] + half[None, :], mask=ok, other=0)
     k_meta = tl.load(tl.multiple_of(KM + row * 2, META_ALIGN)[:, None] + pair[None, :], mask=ok, other=0.0)
     v_meta = tl.load(tl.multiple_of(VM + row * 2, META_ALIGN)[:, None] + pair[None, :], mask=ok, other=0.0)
-    return k_codes, v_codes, k_meta, v_meta
+    return k_codes, k_meta, v_meta
+
+
+@triton.jit
+def _value_codes(VC, BT, b, s_bt, tile, stop, h, H, D: tl.constexpr, BLOCK_N: tl.constexpr, P: tl.constexpr):
+    """V's codes of step `tile` as they are stored, token-major: [D, BLOCK_N / 2] bytes, byte j of a dimension
+    holding the step's tokens 2j and 2j + 1. Pages from position `stop` on read as 0; slots past `stop` inside a
+    page are read as they are: any code times their p * scale, which is 0, adds 0."""
+    GROUP: tl.constexpr = BLOCK_N if BLOCK_N < P else P  # tokens of the step that share a page
+    first = tile * BLOCK_N + tl.arange(0, BLOCK_N // GROUP) * GROUP
+    page = tl.load(BT + b * s_bt + first // P, mask=first < stop, other=0).to(tl.int64)
+    d = tl.arange(0, D)
+    i = tl.arange(0, GROUP // 2)
+    base = ((page * H + h) * D)[None, :, None] + d[:, None, None]
+    offs = base * (P // 2) + ((first % P) // 2)[None, :, None] + i[None, None, :]
+    codes = tl.load(VC + offs, mask=(first < stop)[None, :, None], other=0)
+    return tl.reshape(codes, (D, BLOCK_N // 2))
 
 
 @triton.jit(do_not_specialize=["win_start", "n_win", "sm_b", "sm_q", "num_paged", "n_raw", "total", "tiles_per_split"])
@@ -649,8 +690,7 @@ def _attention_kernel(
             q_step = tl.where(q_amax > 0, q_amax / 127.0, 1.0)
             q8 = _int8_pieces(q_rot * (1.0 / q_step)[:, None], PIECES)
             q_a, q_b = tl.split(tl.reshape(q8, (PIECES * M, D // 2, 2)))
-        acc_even = tl.zeros([M, D // 2], tl.float32)
-        acc_odd = tl.zeros([M, D // 2], tl.float32)
+        acc = tl.zeros([M, D], tl.float32)
         off_acc = tl.zeros([M], tl.float32)
         cols = tl.arange(0, BLOCK_N)
         stop = tl.minimum(num_paged, t1 * BLOCK_N)  # this split's last position + 1
@@ -658,8 +698,9 @@ def _attention_kernel(
             pos = tile * BLOCK_N + cols
             kv_ok = pos < num_paged
             page = _tile_pages(BT, b, s_bt, tile, stop, cols, BLOCK_N, P)
-            k_codes, v_codes, k_meta, v_meta = _tile_loads(
-                KC, KM, VC, VM, page, tile, stop, cols, h, H, D, BLOCK_N, P, CODE_ALIGN, META_ALIGN)
+            k_codes, k_meta, v_meta = _tile_loads(KC, KM, VM, page, tile, stop, cols, h, H, D, BLOCK_N, P,
+                                                  CODE_ALIGN, META_ALIGN)
+            v_even, v_odd = _nibbles(_value_codes(VC, BT, b, s_bt, tile, stop, h, H, D, BLOCK_N, P), ASM)
             k_scale, k_off = tl.split(k_meta.to(tl.float32))
             v_scale, v_off = tl.split(v_meta.to(tl.float32))
             k_lo, k_hi = _nibbles(k_codes, ASM)
@@ -676,24 +717,24 @@ def _attention_kernel(
                 ok = ok & (tl.load(MASK + b * sm_b + qi[:, None] * sm_q + pos[None, :], mask=ok, other=0) != 0)
             sc = tl.where(ok, sc, float("-inf"))
             p, alpha, m_i, l_i, p_max = _online_softmax_step(sc, m_i, l_i)
-            # p @ (scale * codes), p * scale as int8 pieces too: p * scale <= p_max * max(scale).
-            v_lo, v_hi = _nibbles(v_codes, ASM)
+            # p @ (scale * codes) over the step's even tokens and its odd tokens (V's bytes hold token pairs).
             v_top = tl.max(v_scale, axis=0)
             if PIECES == 0:  # float16: p * scale brought near 2^14 by one power of two per step
                 v_pow = _exp2i(_pow2_exponent(v_top, 14))
-                p16 = (p * (v_scale * (1.0 / v_pow))[None, :]).to(tl.float16)
-                pv_even = tl.dot(p16, _int4_to_float16(v_lo)) * v_pow
-                pv_odd = tl.dot(p16, _int4_to_float16(v_hi)) * v_pow
-            else:
+                p_even, p_odd = tl.split(tl.reshape((p * (v_scale * (1.0 / v_pow))[None, :]).to(tl.float16),
+                                                    (M, BLOCK_N // 2, 2)))
+                pv = tl.dot(p_even, tl.trans(_int4_to_float16(v_even)))
+                pv = tl.dot(p_odd, tl.trans(_int4_to_float16(v_odd)), pv) * v_pow
+            else:  # p * scale as int8 pieces too: p * scale <= p_max * max(scale)
                 p_top = p_max * v_top
-                p8 = _int8_pieces(p * v_scale[None, :] * (127.0 / tl.where(p_top > 0, p_top, 1.0))[:, None], PIECES)
-                p_back = (p_top * (1.0 / 127.0))[:, None]
-                pv_even = _sum_pieces(tl.dot(p8, v_lo, out_dtype=tl.int32), M, D // 2, PIECES) * p_back
-                pv_odd = _sum_pieces(tl.dot(p8, v_hi, out_dtype=tl.int32), M, D // 2, PIECES) * p_back
-            acc_even = acc_even * alpha[:, None] + pv_even
-            acc_odd = acc_odd * alpha[:, None] + pv_odd
+                p_even, p_odd = tl.split(tl.reshape(
+                    p * v_scale[None, :] * (127.0 / tl.where(p_top > 0, p_top, 1.0))[:, None], (M, BLOCK_N // 2, 2)))
+                pv = tl.dot(_int8_pieces(p_even, PIECES), tl.trans(v_even), out_dtype=tl.int32)
+                pv = tl.dot(_int8_pieces(p_odd, PIECES), tl.trans(v_odd), pv, out_dtype=tl.int32)
+                pv = _sum_pieces(pv, M, D, PIECES) * (p_top * (1.0 / 127.0))[:, None]
+            acc = acc * alpha[:, None] + pv
             off_acc = off_acc * alpha + tl.sum(p * v_off[None, :], axis=1)
-        acc = tl.reshape(tl.join(acc_even, acc_odd), (M, D)) + off_acc[:, None]
+        acc = acc + off_acc[:, None]
         # Back to the model's frame: sum p (H v + mean) = H (sum p v) + (sum p) mean.
         if ROTATE_VALUES:
             acc = _rotate_by_dot(acc, M, D, BLOCK, LOG_BLOCK, SCALE, ROT_PRECISION)
@@ -1039,7 +1080,8 @@ def _append(pool, block_table, state, length, num_paged, window_key, window_valu
     ring = window_key.shape[2] if window_key is not None else 0
     if n == 0:
         return
-    fused = bool(ring) and n <= TUNING["write_tokens"] and pool is not None
+    # One program must do both (its evictions read the ring slots it then overwrites): one token, one tile.
+    fused = bool(ring) and n == 1 and pool is not None
     if pool is not None:
         _write_pages(pool, block_table, num_paged, key, value, key_mean, value_mean, hadamard_block, rotate_values,
                      state, window_key, window_value, length if state is None else None, ring_write=fused)
