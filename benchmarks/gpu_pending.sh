@@ -13,11 +13,12 @@ step() {  # step NAME SECONDS COMMAND...: run, keep the log, print the tail
     echo "== $name: exit $?"
     grep -E "passed|failed|FAILED|^\|" "$OUT/$name.log" | tail -20
 }
-# The end-to-end tables predate the decode kernel of 8767ac8 (10-19% faster per layer): all four methods at 8k in
-# one run. Then the SmolLM2 GPU tests (last run at d714974) and the variant comparison script, which was written
-# after the run it reproduces (docs/performance.md).
+# 1ca60c3 (token-major value pages) ran 57 of the 58 kernel tests on the GPU; the retry test was fixed afterwards
+# and the SmolLM2 GPU tests last ran at d714974. Then all four methods at 8k in one run (the end-to-end tables
+# predate this session's decode kernels), and the decode kernel's profile again.
+step kernel_tests 400 python -m pytest -q tests/test_triton_kernels.py
+step smollm2_gpu 300 python -m pytest -q tests/test_smollm2.py -k gpu
 step bench_8k 500 python -m saw_kvcache.cli bench --model llama3-8b --cases 1x8192,16x8192 --new-tokens 16 \
     --methods saw-compiled,static-compiled,saw-eager,dynamic --capacity-context 0 --out "$OUT/bench_8k" --no-progress
-step smollm2_gpu 300 python -m pytest -q tests/test_smollm2.py -k gpu
-step decode_variants 300 python benchmarks/decode_variants.py --commit d714974 \
-    --patch benchmarks/experiments/value_codes_by_token.patch
+step ncu_decode 200 ncu --clock-control none --section Occupancy --section WarpStateStats --section SchedulerStats \
+    -k regex:_attention_kernel -s 2 -c 1 python benchmarks/ncu_target.py decode --batch 8 --context 8192

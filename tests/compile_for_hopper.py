@@ -108,6 +108,17 @@ def calls():
                 triton_kernels.TUNING["fused_merge"] = True
         return run
 
+    def smallest_step():  # the smallest step a launch refused for shared memory is retried with (int8 dots)
+        triton_kernels.TUNING["decode_block_n"], before = 64, triton_kernels.TUNING["decode_block_n"]
+        try:
+            triton_kernels.paged_attention(
+                torch.randn(2, 8, 1, 128).to(torch.bfloat16), pool(9, 2, 64, 128, torch.bfloat16),
+                torch.arange(8, dtype=torch.int32).view(2, 4), 256, None, None, ring[:, :, :1], ring[:, :, :1], None,
+                0.1, None, None, None, None, 64, True)
+        finally:
+            triton_kernels.TUNING["decode_block_n"] = before
+
+    yield "decode with 64-token steps", smallest_step
     yield "attention with lengths on the device, merge kernel (as under CUDA-graph capture)", unfused(
         lambda: triton_kernels.paged_attention(
             torch.randn(2, 8, 1, 128).to(torch.bfloat16), pool(17, 2, 64, 128, torch.bfloat16),

@@ -1022,7 +1022,8 @@ def _paged_attention(
             ))
             break
         except triton.runtime.errors.OutOfResources:
-            if block_n <= 16:
+            # p @ V reduces over the step's even (or odd) tokens: BLOCK_N / 2 >= 32 for int8 dots, >= 16 for float16
+            if block_n // 2 <= (32 if pieces else 16):
                 raise
             _BLOCK_N_FITS[fit_key] = block_n // 2  # before any work was queued: retry with smaller tiles
     if splits > 1 and not fused:
@@ -1071,7 +1072,7 @@ def _advance_state_kernel(STATE, n, R: tl.constexpr):
 def _append(pool, block_table, state, length, num_paged, window_key, window_value, key, value, key_mean,
             value_mean, hadamard_block, rotate_values) -> None:
     """The evictions and the window ring update of an append, lengths from `state` or the host integers: one
-    launch when the chunk fits one tile of the write kernel (decode steps), else the write and the ring kernel."""
+    launch for one-token chunks (decode steps), else the write and the ring kernel."""
     if window_key is not None and (window_key.stride() != window_value.stride() or window_key.stride(-1) != 1):
         raise ValueError("append: the key and value windows need the same strides, the last one 1")
     key = key if key.stride(-1) == 1 else key.contiguous()
