@@ -89,8 +89,9 @@ def assert_same_pages(twin, kernel):
 @pytest.mark.parametrize("lengths_on_device", [False, True], ids=["host_lengths", "state"])
 def test_append_kernels_equal_the_torch_twin(ring, lengths_on_device):
     """append_with_window / append_from_state: evictions from the window ring and from the chunk, the ring update
-    (one launch for chunks of up to write_tokens tokens, the write and the ring kernel for longer ones, wrapping
-    around the ring), the lengths. Same pages and windows as the twin after every append."""
+    (one launch for one-token chunks, the write and the ring kernel for longer ones, wrapping around the ring),
+    the lengths, value bytes shared by tokens written in different appends. Same pages and windows as the twin
+    after every append."""
     batch, heads, head_dim, dtype = 2, 2, 64, torch.bfloat16
     chunks = [5, 1, 1, 40, 3, 1, 17, 1]
     pages = math.ceil(sum(chunks) / PAGE)
