@@ -291,9 +291,9 @@ class PagedKVStore:
         try:
             # One buffer at a time, each old one released as soon as it is copied: the growth's peak is the old
             # pool plus one new buffer, not the old pool plus the whole new one (more sequences fit in memory).
-            shapes = ((p, d // 2), (p, 2), (d, p // 2), (p, 2))  # values token-major (PagedKV)
+            shapes = reference.page_shapes(h, p, d)
             for i, (shape, dtype) in enumerate(zip(shapes, (torch.uint8, self.dtype) * 2)):
-                grown = torch.empty(new, h, *shape, dtype=dtype, device=self.device)
+                grown = torch.empty(new, *shape, dtype=dtype, device=self.device)
                 if old:
                     grown[:old].copy_(parts[i][:old])
                 parts[i] = grown
@@ -560,16 +560,12 @@ class PagedKVStore:
             if tail < self.page_size:
                 for t in (pages.k_codes, pages.k_meta, pages.v_meta):
                     t[:, -1, :, tail:] = 0
-                pages.v_codes[:, -1, :, :, (tail + 1) // 2 :] = 0  # token-major: bytes hold tokens 2j, 2j + 1
-                if tail % 2:
-                    pages.v_codes[:, -1, :, :, tail // 2] &= 15
+                rows = reference.transpose_nibbles(pages.v_codes[:, -1])  # token-major values as token rows
+                rows[:, :, tail:] = 0
+                pages.v_codes[:, -1] = reference.transpose_nibbles(rows)
         else:
-            p, d, h, b = self.page_size, self.head_dim, self.num_heads, self.batch_size
-            kw = dict(device=self.device)
-            codes = torch.zeros(b, 0, h, p, d // 2, dtype=torch.uint8, **kw)
-            meta = torch.zeros(b, 0, h, p, 2, dtype=self.dtype, **kw)
-            value_codes = torch.zeros(b, 0, h, d, p // 2, dtype=torch.uint8, **kw)
-            pages = PagedKV(codes, meta, value_codes, meta.clone())
+            empty = reference.allocate_pool(0, self.num_heads, self.page_size, self.head_dim, self.dtype, self.device)
+            pages = PagedKV(*(t.view(self.batch_size, 0, *t.shape[1:]) for t in empty))
         window = None
         if self.config.residual_length:
             window = self._window(self.num_paged, self.length)

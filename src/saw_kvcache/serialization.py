@@ -46,7 +46,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import SawInt4Config
-from .ops import PagedKV, get_backend
+from .ops import PagedKV, get_backend, reference
 from .paged import SUPPORTED_DTYPES
 
 FORMAT_NAME = "saw_kvcache.SawInt4Cache"
@@ -267,10 +267,9 @@ def _expected_tensors(config: SawInt4Config, fp: dict, layers: list[dict], prese
         d = fp["head_dim"][i] if isinstance(fp["head_dim"], list) else fp["head_dim"]
         b, length, num_paged, prefix = layer["batch"], layer["length"], layer["num_paged"], f"layers.{i}."
         columns = math.ceil(num_paged / p)
-        expected[f"{prefix}k_codes"] = (torch.uint8, (b, columns, h, p, d // 2))
-        expected[f"{prefix}v_codes"] = (torch.uint8, (b, columns, h, d, p // 2))  # token-major (version 2)
-        for kind in ("k", "v"):
-            expected[f"{prefix}{kind}_meta"] = (dtype, (b, columns, h, p, 2))
+        for name, shape, tensor_dtype in zip(("k_codes", "k_meta", "v_codes", "v_meta"),
+                                             reference.page_shapes(h, p, d), (torch.uint8, dtype) * 2):
+            expected[prefix + name] = (tensor_dtype, (b, columns, *shape))
         if r:
             for name in ("window_key", "window_value"):
                 expected[prefix + name] = (dtype, (b, h, length - num_paged, d))

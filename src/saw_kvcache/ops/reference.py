@@ -39,20 +39,23 @@ class PagedKV(NamedTuple):
     v_meta: torch.Tensor
 
 
+def page_shapes(heads: int, page_size: int, head_dim: int) -> tuple:
+    """The shapes of one page of (k_codes, k_meta, v_codes, v_meta), as PagedKV describes them."""
+    meta = (heads, page_size, 2)
+    return (heads, page_size, head_dim // 2), meta, (heads, head_dim, page_size // 2), meta
+
+
 def allocate_pool(num_pages: int, heads: int, page_size: int, head_dim: int, dtype: torch.dtype,
                   device: torch.device | str = "cpu", code_fill: Optional[int] = None,
                   meta_fill: Optional[float] = None) -> PagedKV:
     """A page pool of the shapes PagedKV describes: uninitialized, or filled with code_fill / meta_fill."""
     def make(shape, tensor_dtype, fill):
         if fill is None:
-            return torch.empty(shape, dtype=tensor_dtype, device=device)
-        return torch.full(shape, fill, dtype=tensor_dtype, device=device)
+            return torch.empty((num_pages, *shape), dtype=tensor_dtype, device=device)
+        return torch.full((num_pages, *shape), fill, dtype=tensor_dtype, device=device)
 
-    meta = (num_pages, heads, page_size, 2)
-    return PagedKV(make((num_pages, heads, page_size, head_dim // 2), torch.uint8, code_fill),
-                   make(meta, dtype, meta_fill),
-                   make((num_pages, heads, head_dim, page_size // 2), torch.uint8, code_fill),
-                   make(meta, dtype, meta_fill))
+    return PagedKV(*(make(shape, tensor_dtype, fill) for shape, tensor_dtype, fill in zip(
+        page_shapes(heads, page_size, head_dim), (torch.uint8, dtype) * 2, (code_fill, meta_fill) * 2)))
 
 
 # --------------------------------------------------------------------------------------------------------------

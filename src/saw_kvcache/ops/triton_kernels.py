@@ -197,8 +197,8 @@ def _write_kernel(
     EVICT: appending the n tokens of X to a cache of `length` tokens whose pages hold [0, start) (with
     LENGTHS_ON_DEVICE both read from STATE = [length, num_paged]), the tokens leaving the window go to the pages:
     positions [start, max(start, length + n - R)), from the window ring W (positions < length), then from X.
-    RING_WRITE (one tile, n <= T): the same program then puts X's newest min(n, R) tokens into their ring slots,
-    after its own reads of the slots they replace."""
+    RING_WRITE (one-token chunks, so one tile): the same program then puts X's newest token into its ring slot,
+    after its own reads of the slot it replaces."""
     if tl.program_id(2) == 0:
         _write_tile(XK, s_kb, s_kh, s_kn, KMEAN, KC, KM, WK, s_wb, s_wh, s_wn, STATE, BT, stride_btb, start, length,
                     n, H, HAS_KMEAN, D, P, T, LOG_BLOCK_K, SCALE_K, GATHER_FROM, EVICT, LENGTHS_ON_DEVICE, RING_WRITE,
@@ -342,7 +342,7 @@ def _write_pages(
     elif length is not None:
         tiles = max(_cdiv(start % tokens + max(start, length + n - ring) - start, tokens), int(ring_write))
     else:
-        tiles = _cdiv(start % tokens + n, tokens)
+        tiles = _cdiv(start % tokens + n, tokens) if n else 0
     if tiles == 0:
         return
     key = key if key.stride(-1) == 1 else key.contiguous()
