@@ -211,12 +211,13 @@ def sweep(kernels=SWEEPS):
     log = {}
     if "decode" in kernels:
         # Jointly: capping registers (maxnreg) lets more programs share an SM, which only pays with more programs
-        # per SM. At 4 warps the kernel takes all 255 registers otherwise; at 128 the 128-token loop does not spill
-        # (SASS compiled on the CPU), so 4 programs per SM fit.
+        # per SM. At 4 warps the kernel takes 208 registers otherwise (2 programs per SM); capped at 168 (72 bytes
+        # of stack, none used in the page loop; SASS compiled on the CPU) 3 fit, at 128 4 fit (some spills in the
+        # loop). 4 stages were slower in every earlier sweep.
         log["decode"] = _best("decode", [
             {"decode_block_n": n, "programs_per_sm": p,
-             "decode": {"num_warps": 4, "num_stages": st, **({"maxnreg": r} if r else {})}}
-            for n in (128, 256) for st in (2, 4) for r in (None, 128, 96) for p in (2, 4)
+             "decode": {"num_warps": 4, "num_stages": 2, **({"maxnreg": r} if r else {})}}
+            for n in (128, 256) for r in (None, 168, 128) for p in (2, 3, 4)
         ], decode_total)
     if "programs" in kernels:
         log["decode_programs"] = _best("decode programs/SM", [{"programs_per_sm": k} for k in (1, 2, 4)], decode_total)

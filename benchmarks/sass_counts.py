@@ -2,6 +2,7 @@
 on the CPU (no GPU).
 
     python benchmarks/sass_counts.py [--block-n 256] [--maxnreg N] [--merge in-kernel|kernel]
+    python benchmarks/sass_counts.py --queries 512    # a chunked-prefill call (the prefill settings) instead
     python benchmarks/sass_counts.py --kernel write [--hadamard-block 64] [--butterfly gather]
 
 Records the launch of one decode call (bfloat16, 32 query heads, 8 KV heads, head dim 128, 4,096 paged tokens,
@@ -93,6 +94,8 @@ def main() -> None:
     parser.add_argument("--merge", choices=["in-kernel", "kernel"], default="in-kernel",
                         help="decode: the splits merged by the attention kernel's last split (eager) or by the merge "
                              "kernel (CUDA-graph capture)")
+    parser.add_argument("--queries", type=int, default=1,
+                        help="query tokens per sequence (more than TUNING['decode_max_queries']: a prefill chunk)")
     parser.add_argument("--dump", metavar="DIR", help="also write the decode kernel's TTGIR, PTX and SASS there")
     args = parser.parse_args()
     triton_kernels.TUNING["fused_merge"] = args.merge == "in-kernel"
@@ -108,9 +111,10 @@ def main() -> None:
     h, g, d = 8, 4, 128
     pool = hopper.pool(64 + 1, h, 64, d, torch.bfloat16)
     table = torch.arange(64, dtype=torch.int32).view(1, 64)
-    token = torch.randn(1, h, 1, d).to(torch.bfloat16)
-    triton_kernels.paged_attention(torch.randn(1, h * g, 1, d).to(torch.bfloat16), pool, table, 4096, None, None,
-                                   token, token, None, 0.1, None, None, None, None, 64, True)
+    token = torch.randn(1, h, args.queries, d).to(torch.bfloat16)
+    triton_kernels.paged_attention(torch.randn(1, h * g, args.queries, d).to(torch.bfloat16), pool, table,
+                                   4096, None, None, token, token, None, 0.1, None, None, None,
+                                   None, 64, True)
     kernel, launch_args, kwargs = next(l for l in hopper.launches if l[0].__name__ == "_attention_kernel")
     compiled = hopper.compile_launch(kernel, launch_args, kwargs)
     with tempfile.TemporaryDirectory() as tmp:
@@ -125,7 +129,7 @@ def main() -> None:
                 f.write(subprocess.run([os.path.join(BIN, "nvdisasm"), "-c", cubin], capture_output=True,
                                        text=True).stdout)
     regs, stack = re.search(r"REG:(\d+)", usage).group(1), re.search(r"STACK:(\d+)", usage).group(1)
-    print(f"decode kernel, BLOCK_N {kwargs['BLOCK_N']}: {regs} registers, {stack} bytes of stack, "
+    print(f"attention kernel, {args.queries} queries, BLOCK_N {kwargs['BLOCK_N']}: {regs} registers, {stack} bytes of stack, "
           f"{compiled.metadata.shared} bytes of shared memory")
     for i, (size, ops) in enumerate(found):
         if size > 1:

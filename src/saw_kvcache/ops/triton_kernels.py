@@ -279,21 +279,24 @@ def _write_tile(
         # [D, T/2] bytes of the tile's page; where only one token of a pair is written, the other one's nibble
         # (written by an earlier launch, or never) is kept.
         q_even, q_odd = tl.split(tl.permute(tl.reshape(q, (T // 2, 2, D)), (2, 0, 1)))
-        ok_even, ok_odd = tl.split(tl.reshape(t_ok, (T // 2, 2)))
         first = start - start % T + pid_t * T
         used = tl.max(t_ok.to(tl.int32), axis=0) > 0
         tile_page = tl.load(BT + b * stride_btb + first // P, mask=used, other=0).to(tl.int64)
-        j = (first % P) // 2 + tl.arange(0, T // 2)
+        j = tl.multiple_of((first % P) // 2, T // 2) + tl.arange(0, T // 2)
         at = CODES + ((tile_page * H + h) * D + d[:, None]) * (P // 2) + j[None, :]
-        old = tl.load(at, mask=((ok_even != ok_odd))[None, :], other=0)
-        byte = tl.where(ok_even[None, :], q_even, old & 15) | (tl.where(ok_odd[None, :], q_odd, old >> 4) << 4)
-        tl.store(at, byte, mask=(ok_even | ok_odd)[None, :])
+        if pid_t * T >= start % T and pid_t * T - start % T + T <= n:  # every token: whole rows, no mask
+            tl.store(at, q_even | (q_odd << 4))
+        else:
+            ok_even, ok_odd = tl.split(tl.reshape(t_ok, (T // 2, 2)))
+            old = tl.load(at, mask=((ok_even != ok_odd))[None, :], other=0)
+            byte = tl.where(ok_even[None, :], q_even, old & 15) | (tl.where(ok_odd[None, :], q_odd, old >> 4) << 4)
+            tl.store(at, byte, mask=(ok_even | ok_odd)[None, :])
     else:
         even, odd = tl.split(tl.reshape(q, (T, D // 2, 2)))
         tl.store(CODES + row[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :], even | (odd << 4),
                  mask=t_ok[:, None])
-    tl.store(META + row * 2, scale, mask=t_ok)
-    tl.store(META + row * 2 + 1, _round_to(lo, meta_ty), mask=t_ok)
+    tl.store(META + (row * 2)[:, None] + tl.arange(0, 2)[None, :], tl.join(scale, _round_to(lo, meta_ty)),
+             mask=t_ok[:, None])
     if RING_WRITE:
         tl.debug_barrier()  # every thread's reads of the evicted ring slots come before the slots are overwritten
         kept = tl.minimum(n_chunk, R)
@@ -608,7 +611,8 @@ def _value_codes(VC, BT, b, s_bt, tile, stop, h, H, D: tl.constexpr, BLOCK_N: tl
     d = tl.arange(0, D)
     i = tl.arange(0, GROUP // 2)
     base = ((page * H + h) * D)[None, :, None] + d[:, None, None]
-    offs = base * (P // 2) + ((first % P) // 2)[None, :, None] + i[None, None, :]
+    in_page = tl.multiple_of((first % P) // 2, GROUP // 2)  # GROUP divides P and BLOCK_N: rows start aligned
+    offs = base * (P // 2) + in_page[None, :, None] + i[None, None, :]
     codes = tl.load(VC + offs, mask=(first < stop)[None, :, None], other=0)
     return tl.reshape(codes, (D, BLOCK_N // 2))
 
@@ -721,10 +725,10 @@ def _attention_kernel(
             v_top = tl.max(v_scale, axis=0)
             if PIECES == 0:  # float16: p * scale brought near 2^14 by one power of two per step
                 v_pow = _exp2i(_pow2_exponent(v_top, 14))
-                p_even, p_odd = tl.split(tl.reshape((p * (v_scale * (1.0 / v_pow))[None, :]).to(tl.float16),
-                                                    (M, BLOCK_N // 2, 2)))
-                pv = tl.dot(p_even, tl.trans(_int4_to_float16(v_even)))
-                pv = tl.dot(p_odd, tl.trans(_int4_to_float16(v_odd)), pv) * v_pow
+                # V's even and odd tokens interleaved back into token order ([D, BLOCK_N], in registers): p (the
+                # larger tile here) goes to the dot whole.
+                v16 = tl.reshape(tl.join(_int4_to_float16(v_even), _int4_to_float16(v_odd)), (D, BLOCK_N))
+                pv = tl.dot((p * (v_scale * (1.0 / v_pow))[None, :]).to(tl.float16), tl.trans(v16)) * v_pow
             else:  # p * scale as int8 pieces too: p * scale <= p_max * max(scale)
                 p_top = p_max * v_top
                 p_even, p_odd = tl.split(tl.reshape(
