@@ -89,6 +89,12 @@ def calls():
                    lambda: triton_kernels.paged_attention(query, kv, table, paged, None, None, chunk, chunk, mask,
                                                           0.1, 5.0 if masked else None, None, mean, None, block,
                                                           bool(block)))
+    for d, nq in ((64, 37), (128, 700)):  # 16-token pages: steps span several pages (the GPU tests' page size)
+        yield f"attention d{d} nq{nq} over 16-token pages", lambda d=d, nq=nq: triton_kernels.paged_attention(
+            torch.randn(2, 8, nq, d).to(torch.bfloat16), pool(2 * 188 + 1, 2, 16, d, torch.bfloat16),
+            torch.arange(2 * 188, dtype=torch.int32).view(2, 188), 3000, None, None,
+            torch.randn(2, 2, nq, d).to(torch.bfloat16), torch.randn(2, 2, nq, d).to(torch.bfloat16), None, 0.1, None,
+            None, None, None, 64, True)
     ring = torch.randn(2, 2, 64, 128).to(torch.bfloat16)
     yield "attention with a ring window", lambda: triton_kernels.paged_attention(
         torch.randn(2, 8, 1, 128).to(torch.bfloat16), pool(9, 2, 64, 128, torch.bfloat16),

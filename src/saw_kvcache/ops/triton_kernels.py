@@ -504,9 +504,26 @@ def _exp2i(e):
 
 
 @triton.jit
-def _int4_to_float16(nibbles):
-    """int8 values 0..15 as exact float16: 1024 + n assembled from bits, then 1024 subtracted (both exact)."""
-    return (nibbles.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+def _nibbles_plus_1024(codes, ASM: tl.constexpr):
+    """(low, high) 4-bit halves of uint8 codes as the exact float16 values 1024 + n, assembled from bits (1024 is
+    0x6400, and n fills the low mantissa bits); subtracting 1024 afterwards is exact too. With ASM, 4 bytes per
+    32-bit register: each pair of bytes spread into the two halves of a register by one prmt, then one lop3 per
+    nibble pair ((x & 0x000F000F) | 0x64006400) makes two float16 at once."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            "{\n\t.reg .b32 t;\n\t"
+            "prmt.b32 t, $4, 0, 0x4140;\n\t"
+            "lop3.b32 $0, t, 0x000F000F, 0x64006400, 0xEA;\n\t"
+            "shr.b32 t, t, 4;\n\t"
+            "lop3.b32 $2, t, 0x000F000F, 0x64006400, 0xEA;\n\t"
+            "prmt.b32 t, $4, 0, 0x4342;\n\t"
+            "lop3.b32 $1, t, 0x000F000F, 0x64006400, 0xEA;\n\t"
+            "shr.b32 t, t, 4;\n\t"
+            "lop3.b32 $3, t, 0x000F000F, 0x64006400, 0xEA;\n\t}",
+            "=r,=r,=r,=r,r", [codes], dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+    lo = ((codes & 15).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
+    hi = ((codes >> 4).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
+    return lo, hi
 
 
 @triton.jit
@@ -565,12 +582,16 @@ def _online_softmax_step(scores, m_i, l_i):
 
 
 @triton.jit
-def _scale_and_cap(scores, scaling, softcap, HAS_SOFTCAP: tl.constexpr):
-    scores = scores * scaling
+def _cap(scores, softcap, HAS_SOFTCAP: tl.constexpr):
     if HAS_SOFTCAP:
         # tanh(x) = 1 - 2 / (exp(2x) + 1), stable at both ends
         scores = softcap * (1.0 - 2.0 / (tl.exp(2.0 * scores / softcap) + 1.0))
     return scores
+
+
+@triton.jit
+def _scale_and_cap(scores, scaling, softcap, HAS_SOFTCAP: tl.constexpr):
+    return _cap(scores * scaling, softcap, HAS_SOFTCAP)
 
 
 @triton.jit
@@ -694,6 +715,11 @@ def _attention_kernel(
             q_step = tl.where(q_amax > 0, q_amax / 127.0, 1.0)
             q8 = _int8_pieces(q_rot * (1.0 / q_step)[:, None], PIECES)
             q_a, q_b = tl.split(tl.reshape(q8, (PIECES * M, D // 2, 2)))
+        # Each score is (q_step * k_scale * dot + q_sum * k_off + q . mean) * scaling: the per-row factors carry
+        # the scaling, one multiplication fewer per score.
+        q_step = q_step * scaling
+        q_sum = q_sum * scaling
+        q_bias = q_bias * scaling
         acc = tl.zeros([M, D], tl.float32)
         off_acc = tl.zeros([M], tl.float32)
         cols = tl.arange(0, BLOCK_N)
@@ -704,18 +730,19 @@ def _attention_kernel(
             page = _tile_pages(BT, b, s_bt, tile, stop, cols, BLOCK_N, P)
             k_codes, k_meta, v_meta = _tile_loads(KC, KM, VM, page, tile, stop, cols, h, H, D, BLOCK_N, P,
                                                   CODE_ALIGN, META_ALIGN)
-            v_even, v_odd = _nibbles(_value_codes(VC, BT, b, s_bt, tile, stop, h, H, D, BLOCK_N, P), ASM)
+            v_codes = _value_codes(VC, BT, b, s_bt, tile, stop, h, H, D, BLOCK_N, P)
             k_scale, k_off = tl.split(k_meta.to(tl.float32))
             v_scale, v_off = tl.split(v_meta.to(tl.float32))
-            k_lo, k_hi = _nibbles(k_codes, ASM)
             if PIECES == 0:
-                sc = tl.dot(q_a, tl.trans(_int4_to_float16(k_lo)))
-                sc = tl.dot(q_b, tl.trans(_int4_to_float16(k_hi)), sc)
+                k_lo, k_hi = _nibbles_plus_1024(k_codes, ASM)
+                sc = tl.dot(q_a, tl.trans(k_lo - 1024.0))
+                sc = tl.dot(q_b, tl.trans(k_hi - 1024.0), sc)
             else:
+                k_lo, k_hi = _nibbles(k_codes, ASM)
                 sc = tl.dot(q_a, tl.trans(k_lo), out_dtype=tl.int32)
                 sc = _sum_pieces(tl.dot(q_b, tl.trans(k_hi), sc, out_dtype=tl.int32), M, BLOCK_N, PIECES)
-            sc = sc * q_step[:, None] * k_scale[None, :] + q_sum[:, None] * k_off[None, :] + q_bias[:, None]
-            sc = _scale_and_cap(sc, scaling, softcap, HAS_SOFTCAP)
+            sc = _cap(sc * q_step[:, None] * k_scale[None, :] + q_sum[:, None] * k_off[None, :] + q_bias[:, None],
+                      softcap, HAS_SOFTCAP)
             ok = kv_ok[None, :] & row_ok[:, None]
             if HAS_MASK:
                 ok = ok & (tl.load(MASK + b * sm_b + qi[:, None] * sm_q + pos[None, :], mask=ok, other=0) != 0)
@@ -727,12 +754,14 @@ def _attention_kernel(
                 v_pow = _exp2i(_pow2_exponent(v_top, 14))
                 # V's even and odd tokens interleaved back into token order ([D, BLOCK_N], in registers): p (the
                 # larger tile here) goes to the dot whole.
-                v16 = tl.reshape(tl.join(_int4_to_float16(v_even), _int4_to_float16(v_odd)), (D, BLOCK_N))
+                v_even, v_odd = _nibbles_plus_1024(v_codes, ASM)
+                v16 = tl.reshape(tl.join(v_even, v_odd), (D, BLOCK_N)) - 1024.0
                 pv = tl.dot((p * (v_scale * (1.0 / v_pow))[None, :]).to(tl.float16), tl.trans(v16)) * v_pow
             else:  # p * scale as int8 pieces too: p * scale <= p_max * max(scale)
                 p_top = p_max * v_top
                 p_even, p_odd = tl.split(tl.reshape(
                     p * v_scale[None, :] * (127.0 / tl.where(p_top > 0, p_top, 1.0))[:, None], (M, BLOCK_N // 2, 2)))
+                v_even, v_odd = _nibbles(v_codes, ASM)
                 pv = tl.dot(_int8_pieces(p_even, PIECES), tl.trans(v_even), out_dtype=tl.int32)
                 pv = tl.dot(_int8_pieces(p_odd, PIECES), tl.trans(v_odd), pv, out_dtype=tl.int32)
                 pv = _sum_pieces(pv, M, D, PIECES) * (p_top * (1.0 / 127.0))[:, None]
