@@ -407,3 +407,35 @@ def test_compiled_generate_with_chunked_prefill_equals_eager(backend):
         compiled = model.generate(ids, **cache_kwargs(SawInt4Cache(cfg, max_batch_size=2, max_cache_len=48)),
                                   compile_config=compile_config, **kwargs)
     assert torch.equal(compiled, eager)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_attention_op_under_cuda_graph_trees_with_a_split_sequence_equals_eager_on_gpu():
+    """The static cache's attention op compiled with mode="reduce-overhead" (inductor's CUDA-graph trees) over a
+    capacity of many attention steps, so that the sequence is split and merged: the graph trees accept the op (no
+    tensor of the call may outlive it in their memory pool) and replays give the eager output exactly."""
+    from saw_kvcache.ops import compiled  # noqa: F401  (registers torch.ops.saw_kvcache)
+    from saw_kvcache.ops import reference
+
+    b, h, g, d, pages = 2, 2, 4, 64, 64
+    pool = reference.allocate_pool(b * pages + 1, h, PAGE, d, torch.bfloat16, "cuda")
+    for codes in (pool.k_codes, pool.v_codes):
+        codes.random_(0, 256)
+    for meta in (pool.k_meta, pool.v_meta):
+        meta.uniform_(0.0, 0.05)
+    table = torch.randperm(b * pages, device="cuda").view(b, pages).int()
+    max_paged = pages * PAGE
+    state = torch.tensor([max_paged - 20, max_paged - 21], dtype=torch.int32, device="cuda")  # [length, paged]
+    query = torch.randn(b, h * g, 1, d, device="cuda", dtype=torch.bfloat16)
+    chunk = torch.randn(b, h, 1, d, device="cuda", dtype=torch.bfloat16)
+
+    def attend(query):
+        return torch.ops.saw_kvcache.attention_from_state(
+            "triton", query, pool.k_codes, pool.k_meta, pool.v_codes, pool.v_meta, table, state, max_paged, None,
+            None, chunk, chunk, None, d**-0.5, None, None, None, None, 64, True)
+
+    eager = attend(query).clone()
+    step = torch.compile(attend, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):  # warm-up, recording, replay
+        out = step(query).clone()
+    assert torch.equal(out, eager)

@@ -900,13 +900,14 @@ def _merge_splits_kernel(
 _SPLIT_BUFFERS: dict = {}
 
 
-def _split_buffers(device: torch.device, rows: int, d: int, tickets: int):
+def _split_buffers(device: torch.device, rows: int, d: int, tickets: int, reuse: bool):
     """(maxima [rows], sums [rows], outputs [rows, d]) float32 for the split attention's partial results, and
-    int32 zero tickets for the merge fused into the attention kernel (None: merge in a second kernel). No
-    allocation in most eager decode steps (the sizes change only when the number of splits does). During CUDA-graph
-    capture they are allocated as usual (the graph keeps its own) and the merge is a second kernel, so that no
-    ticket outlives the graph's memory."""
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    int32 zero tickets for the merge fused into the attention kernel (None: merge in a second kernel). With
+    `reuse`, no allocation in most eager decode steps (the sizes change only when the number of splits does).
+    Without it (the static cache's op, which torch.compile's CUDA graphs run: their memory pool refuses tensors
+    that outlive a call) and during CUDA-graph capture, they are allocated as usual and the merge is a second
+    kernel, so that no ticket outlives the graph's memory."""
+    if not reuse or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         part_m = torch.empty(rows, dtype=torch.float32, device=device)
         return part_m, torch.empty_like(part_m), torch.empty(rows, d, dtype=torch.float32, device=device), None
     key = (device.index, torch._C._cuda_getCurrentRawStream(device.index)) if device.type == "cuda" else None
@@ -1019,7 +1020,7 @@ def _paged_attention(
         fused = False
         if splits > 1:
             part_m, part_l, part_acc, tickets = _split_buffers(query.device, b * h * q_blocks * splits * m, d,
-                                                               b * h * q_blocks)
+                                                               b * h * q_blocks, reuse=state is None)
             fused = tickets is not None and TUNING["fused_merge"]
         else:
             part_m = part_l = part_acc = out
