@@ -47,6 +47,8 @@ def saw_int4_attention_forward(
     layer.awaiting_saw_attention = False
     if view.chunk_key is not None and value is view.returned_values:
         chunk_key, chunk_value = view.chunk_key, view.chunk_value
+    elif view.chunk_start == 0:  # only the chunk was returned (every decode step): no slicing per layer and step
+        chunk_key, chunk_value = key, value
     else:
         chunk_key, chunk_value = key[:, :, view.chunk_start :], value[:, :, view.chunk_start :]
     if view.past_length is None:

@@ -44,7 +44,7 @@ TUNING = {
     "decode_residual_dots": True,  # float32-accurate products with the full-precision window in decode
     "int8_pieces": 2,  # int8 parts of the query and of p in the decode dots (16-bit models; float32 models use 4)
     "nibble_asm": True,  # split the codes by inline PTX (the CPU interpreter cannot run it: plain ops there)
-    "prefill_block_n": 64,
+    "prefill_block_n": 128,  # the sweep's best on an H200 (docs/kernel_notes.md)
     "prefill_rows": 64,  # query rows (heads x positions) per program when queries are many
     "programs_per_sm": 2,  # the sequence is split until about this many programs per SM are running
     "fused_merge": True,  # the last split merges the splits' results (no second kernel) outside CUDA-graph capture
@@ -105,12 +105,20 @@ def _hooks_active() -> bool:
 def _specialization(args: tuple) -> tuple:
     """What Triton compiles a separate kernel for, per runtime argument (finer where it is cheaper: an integer's
     class even where Triton ignores it)."""
-    return tuple([
-        (a == 1, a % 16 == 0, a >> 31) if a.__class__ is int
-        else (a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor)
-        else (a.__class__, a if a.__class__ is bool else None)  # floats are not specialized
-        for a in args
-    ])
+    # One class test per argument, tensors last (the launchers pass tensors, ints, floats, bools and None): this
+    # runs at every eager launch, and a comprehension with isinstance took twice as long.
+    key = []
+    for a in args:
+        kind = a.__class__
+        if kind is int:
+            key.append((a == 1, a % 16 == 0, a >> 31))
+        elif kind is float:  # not specialized
+            key.append(kind)
+        elif kind is bool or a is None:
+            key.append(a)
+        else:
+            key.append((a.dtype, a.data_ptr() % 16 == 0))
+    return tuple(key)
 
 
 def _launch(kernel, grid: tuple, args: tuple, constexprs: dict) -> None:
