@@ -13,10 +13,11 @@ step() {  # step NAME SECONDS COMMAND...: run, keep the log, print the tail
     echo "== $name: exit $?"
     grep -E "passed|failed|FAILED|^\|" "$OUT/$name.log" | tail -20
 }
-# 1ca60c3 (token-major value pages) ran 57 of the 58 kernel tests on the GPU; the retry test was fixed afterwards
-# and the SmolLM2 GPU tests last ran at d714974. Then all four methods at 8k in one run (the end-to-end tables
-# predate this session's decode kernels), and the decode kernel's profile again.
+# At 9f14909 (128-token prefill steps, the host-side launch key) the last 8 kernel tests did not run inside the
+# call's time limit, the SmolLM2 GPU tests last ran at 6f2e886, the eager end-to-end step was not re-run after the
+# host changes, and the decode kernel has not been profiled since its layout changes.
 step kernel_tests 400 python -m pytest -q tests/test_triton_kernels.py
+step static_gpu 150 python -m pytest -q tests/test_static_cache.py -k on_gpu
 step smollm2_gpu 300 python -m pytest -q tests/test_smollm2.py -k gpu
 step bench_8k 500 python -m saw_kvcache.cli bench --model llama3-8b --cases 1x8192,16x8192 --new-tokens 16 \
     --methods saw-compiled,static-compiled,saw-eager,dynamic --capacity-context 0 --out "$OUT/bench_8k" --no-progress
