@@ -96,7 +96,7 @@ def main() -> None:
                              "kernel (CUDA-graph capture)")
     parser.add_argument("--queries", type=int, default=1,
                         help="query tokens per sequence (more than TUNING['decode_max_queries']: a prefill chunk)")
-    parser.add_argument("--dump", metavar="DIR", help="also write the decode kernel's TTGIR, PTX and SASS there")
+    parser.add_argument("--dump", metavar="DIR", help="also write the attention kernel's TTGIR, PTX and SASS there")
     args = parser.parse_args()
     triton_kernels.TUNING["fused_merge"] = args.merge == "in-kernel"
     if args.kernel == "write":
@@ -123,9 +123,9 @@ def main() -> None:
         if args.dump:
             os.makedirs(args.dump, exist_ok=True)
             for kind in ("ttgir", "ptx"):
-                with open(os.path.join(args.dump, f"decode.{kind}"), "w") as f:
+                with open(os.path.join(args.dump, f"attention.{kind}"), "w") as f:
                     f.write(compiled.asm[kind])
-            with open(os.path.join(args.dump, "decode.sass"), "w") as f:
+            with open(os.path.join(args.dump, "attention.sass"), "w") as f:
                 f.write(subprocess.run([os.path.join(BIN, "nvdisasm"), "-c", cubin], capture_output=True,
                                        text=True).stdout)
     regs, stack = re.search(r"REG:(\d+)", usage).group(1), re.search(r"STACK:(\d+)", usage).group(1)

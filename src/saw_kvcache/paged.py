@@ -291,8 +291,7 @@ class PagedKVStore:
         try:
             # One buffer at a time, each old one released as soon as it is copied: the growth's peak is the old
             # pool plus one new buffer, not the old pool plus the whole new one (more sequences fit in memory).
-            shapes = reference.page_shapes(h, p, d)
-            for i, (shape, dtype) in enumerate(zip(shapes, (torch.uint8, self.dtype) * 2)):
+            for i, (shape, dtype) in enumerate(reference.page_layout(h, p, d, self.dtype)):
                 grown = torch.empty(new, *shape, dtype=dtype, device=self.device)
                 if old:
                     grown[:old].copy_(parts[i][:old])

@@ -267,8 +267,7 @@ def _expected_tensors(config: SawInt4Config, fp: dict, layers: list[dict], prese
         d = fp["head_dim"][i] if isinstance(fp["head_dim"], list) else fp["head_dim"]
         b, length, num_paged, prefix = layer["batch"], layer["length"], layer["num_paged"], f"layers.{i}."
         columns = math.ceil(num_paged / p)
-        for name, shape, tensor_dtype in zip(("k_codes", "k_meta", "v_codes", "v_meta"),
-                                             reference.page_shapes(h, p, d), (torch.uint8, dtype) * 2):
+        for name, (shape, tensor_dtype) in zip(PagedKV._fields, reference.page_layout(h, p, d, dtype)):
             expected[prefix + name] = (tensor_dtype, (b, columns, *shape))
         if r:
             for name in ("window_key", "window_value"):

@@ -39,10 +39,12 @@ class PagedKV(NamedTuple):
     v_meta: torch.Tensor
 
 
-def page_shapes(heads: int, page_size: int, head_dim: int) -> tuple:
-    """The shapes of one page of (k_codes, k_meta, v_codes, v_meta), as PagedKV describes them."""
-    meta = (heads, page_size, 2)
-    return (heads, page_size, head_dim // 2), meta, (heads, head_dim, page_size // 2), meta
+def page_layout(heads: int, page_size: int, head_dim: int, dtype: torch.dtype) -> tuple:
+    """(shape, dtype) of one page of each of (k_codes, k_meta, v_codes, v_meta), as PagedKV describes them."""
+    meta = ((heads, page_size, 2), dtype)
+    key_codes = ((heads, page_size, head_dim // 2), torch.uint8)
+    value_codes = ((heads, head_dim, page_size // 2), torch.uint8)
+    return key_codes, meta, value_codes, meta
 
 
 def allocate_pool(num_pages: int, heads: int, page_size: int, head_dim: int, dtype: torch.dtype,
@@ -54,8 +56,8 @@ def allocate_pool(num_pages: int, heads: int, page_size: int, head_dim: int, dty
             return torch.empty((num_pages, *shape), dtype=tensor_dtype, device=device)
         return torch.full((num_pages, *shape), fill, dtype=tensor_dtype, device=device)
 
-    return PagedKV(*(make(shape, tensor_dtype, fill) for shape, tensor_dtype, fill in zip(
-        page_shapes(heads, page_size, head_dim), (torch.uint8, dtype) * 2, (code_fill, meta_fill) * 2)))
+    return PagedKV(*(make(shape, tensor_dtype, fill) for (shape, tensor_dtype), fill in zip(
+        page_layout(heads, page_size, head_dim, dtype), (code_fill, meta_fill) * 2)))
 
 
 # --------------------------------------------------------------------------------------------------------------
