@@ -79,9 +79,13 @@ def write_counts(hadamard_block: int, butterfly: str) -> None:
     body = [m.group(1) for line in text.splitlines() if (m := re.match(r"^\s*/\*[0-9a-f]{4,}\*/\s+(.*?);", line))]
     ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in body)
     regs = re.search(r"REG:(\d+)", usage).group(1)
+    global_memory = collections.Counter(op for t in body if (op := re.sub(r"^@!?U?P\w+\s+", "", t).split()[0])
+                                        .startswith(("LDG", "STG")))
     print(f"write kernel, hadamard_block {hadamard_block}, butterfly {butterfly}, {kwargs['T']} tokens per program: "
           f"{len(body)} instructions per warp, {regs} registers; "
-          + ", ".join(f"{k} {v}" for k, v in ops.most_common(10)))
+          + ", ".join(f"{k} {v}" for k, v in ops.most_common(10))
+          + "; global loads and stores (both branches: keys and values): "
+          + ", ".join(f"{k} {v}" for k, v in sorted(global_memory.items())))
 
 
 def main() -> None:
@@ -134,7 +138,8 @@ def main() -> None:
     for i, (size, ops) in enumerate(found):
         if size > 1:
             print(f"loop {i}: {size} instructions per warp per iteration; " +
-                  ", ".join(f"{k} {v}" for k, v in ops.most_common(12)))
+                  ", ".join(f"{k} {v}" for k, v in ops.most_common(12)) + "; global loads, local (spill) traffic: " +
+                  ", ".join(f"{k} {v}" for k, v in sorted(ops.items()) if k.startswith(("LDG", "LDL", "STL"))))
 
 
 if __name__ == "__main__":

@@ -106,7 +106,7 @@ def _specialization(args: tuple) -> tuple:
     """What Triton compiles a separate kernel for, per runtime argument (finer where it is cheaper: an integer's
     class even where Triton ignores it)."""
     # One class test per argument, tensors last (the launchers pass tensors, ints, floats, bools and None): this
-    # runs at every eager launch, and a comprehension with isinstance took twice as long.
+    # runs at every eager launch.
     key = []
     for a in args:
         kind = a.__class__
