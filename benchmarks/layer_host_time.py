@@ -10,7 +10,8 @@ issued, over the calls: host time, as long as the GPU keeps up) and with a sync 
 
 Rows: DynamicCache.update + transformers' sdpa attention (what SawInt4Cache is compared with; every call is a
 new length, so cuDNN builds a plan each time), its update alone and its attention alone at a fixed length (plan
-built: the warm case); SawInt4Cache's update + saw_int4 attention, also with the splits merged by a second kernel
+built: the warm case); SawInt4Cache's update + saw_int4 attention (one launch: the attention appends the token),
+also with the splits merged by a second kernel
 and then with every launch through `kernel[grid]` as well (TUNING["fused_merge"] and triton_kernels.FAST_LAUNCH
 off: the state before they existed); its parts; the Triton launches alone, through `kernel[grid](...)` and through
 the compiled kernel's own launcher (`compiled[grid](...)`, which skips Triton's argument binding and cache
@@ -158,8 +159,9 @@ def main() -> None:
             torch.cuda.synchronize()
             pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
         store = saw.layers[0].store
-        add("SawInt4Cache: update only (store.append + glue)", lambda: saw.update(k1, v1, 0) and
-            setattr(saw.layers[0], "awaiting_saw_attention", False))
+        # Without the attention, each update's append is deferred and then launched by the next update.
+        add("SawInt4Cache: update only (store.append + glue; the append as its own launch)",
+            lambda: saw.update(k1, v1, 0) and setattr(saw.layers[0], "awaiting_saw_attention", False))
         past = store.length
         add("store.attend (decode, past fixed)", lambda: store.attend(q1, k1, v1, past, None, HEAD_DIM ** -0.5))
         for name, recorder in recorders.items():

@@ -100,6 +100,8 @@ def main() -> None:
                              "kernel (CUDA-graph capture)")
     parser.add_argument("--queries", type=int, default=1,
                         help="query tokens per sequence (more than TUNING['decode_max_queries']: a prefill chunk)")
+    parser.add_argument("--append", action="store_true",
+                        help="decode: the eager step's launch that also appends the token (append_from, no window)")
     parser.add_argument("--dump", metavar="DIR", help="also write the attention kernel's TTGIR, PTX and SASS there")
     args = parser.parse_args()
     triton_kernels.TUNING["fused_merge"] = args.merge == "in-kernel"
@@ -118,7 +120,7 @@ def main() -> None:
     token = torch.randn(1, h, args.queries, d).to(torch.bfloat16)
     triton_kernels.paged_attention(torch.randn(1, h * g, args.queries, d).to(torch.bfloat16), pool, table,
                                    4096, None, None, token, token, None, 0.1, None, None, None,
-                                   None, 64, True)
+                                   None, 64, True, append_from=4096 if args.append else None)
     kernel, launch_args, kwargs = next(l for l in hopper.launches if l[0].__name__ == "_attention_kernel")
     compiled = hopper.compile_launch(kernel, launch_args, kwargs)
     with tempfile.TemporaryDirectory() as tmp:

@@ -105,6 +105,18 @@ def calls():
         torch.randn(2, 8, 1, 128).to(torch.bfloat16), pool(17, 2, 64, 128, torch.bfloat16),
         torch.arange(16, dtype=torch.int32).view(2, 8), 512, ring, ring, ring[:, :, :1], ring[:, :, :1],
         torch.ones(2, 1, 1, 512, dtype=torch.bool), 0.1, None, None, torch.zeros(2, 128), None, 64, True, state=state)
+    for dtype, d, r in ((torch.bfloat16, 128, 64), (torch.bfloat16, 128, 0), (torch.float32, 64, 64),
+                        (torch.float16, 256, 16)):  # a decode step's append in the attention's launch
+        def append_and_attend(dtype=dtype, d=d, r=r):
+            window = torch.randn(2, 2, r, d).to(dtype) if r else None
+            pages_end = 300 - r + 1 if r else 300
+            triton_kernels.paged_attention(
+                torch.randn(2, 8, 1, d).to(dtype), pool(17, 2, 64, d, dtype), torch.arange(16, dtype=torch.int32).view(2, 8),
+                pages_end, window, window, torch.randn(2, 2, 1, d).to(dtype), torch.randn(2, 2, 1, d).to(dtype), None,
+                0.1, None, None, torch.zeros(2, d), None, 64, True, window_start=pages_end % r if r else 0,
+                window_length=300 - pages_end, append_from=pages_end - 1 if r else 300)
+        yield f"decode attention appending its token, {dtype} d{d} window {r}", append_and_attend
+
     def unfused(call):
         def run():
             triton_kernels.TUNING["fused_merge"] = False

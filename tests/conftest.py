@@ -7,6 +7,8 @@ import os
 # Triton kernels run under the CPU interpreter unless told otherwise; it must be set before triton is imported.
 # On a GPU machine run the tests with TRITON_INTERPRET=0.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Every launch that names a site key checks that the key never stands for two different specializations.
+os.environ.setdefault("SAW_KVCACHE_CHECK_SITE_KEYS", "1")
 
 import glob
 import importlib.util

@@ -120,6 +120,53 @@ def test_append_kernels_equal_the_torch_twin(ring, lengths_on_device):
             assert twin_state.tolist() == kernel_state.tolist() == [length, num_paged]
 
 
+@pytest.mark.parametrize("ring", [0, 16])
+@pytest.mark.parametrize("dtype,rotate_values,value_mean", [(torch.bfloat16, True, False), (torch.float16, False, True)],
+                         ids=["bf16-rotated-values", "fp16-centered-values"])
+def test_decode_attention_appending_in_its_launch_equals_append_then_attention(ring, dtype, rotate_values, value_mean):
+    """paged_attention(append_from=...) with a one-token chunk: the token is appended by the attention's own
+    launch (eager decode steps). Over steps that evict from the window, cross pages and wrap the ring: the same
+    pages and window as the twin (which appends, then attends), and bit for bit the output of the Triton append
+    followed by the Triton attention."""
+    batch, heads, groups, head_dim, prefix = 2, 2, 4, 64, 29
+    steps = PAGE + 3  # from 29 tokens: evictions cross a page boundary, the ring wraps
+    pages = math.ceil((prefix + steps) / PAGE)
+    table = shuffled_block_table(batch, pages, 2 * batch * pages)
+    k_mean = torch.randn(heads, head_dim, device=DEVICE)
+    v_mean = torch.randn(heads, head_dim, device=DEVICE) if value_mean else None
+    caches = [[make_pool(2 * batch * pages, heads, head_dim, dtype, poison=False),
+               *(torch.zeros(batch, heads, ring, head_dim, dtype=dtype, device=DEVICE) if ring else None
+                 for _ in "kv")] for _ in range(3)]  # twin, fused kernel, kernel append then kernel attention
+    key, value = (random_states(batch, heads, prefix, head_dim, dtype, outliers=o) for o in (True, False))
+    for pool, wk, wv in caches:
+        reference.append_with_window(pool, table, 0, 0, wk, wv, key, value, k_mean, v_mean, 64, rotate_values)
+    length, num_paged = prefix, max(0, prefix - ring)
+    for _ in range(steps):
+        key, value = (random_states(batch, heads, 1, head_dim, dtype, outliers=o) for o in (True, False))
+        query = random_states(batch, heads * groups, 1, head_dim, dtype, outliers=False)
+        new_paged = max(num_paged, length + 1 - ring)
+        pages_end = min(new_paged, length)
+        window = dict(window_start=pages_end % ring if ring else 0, window_length=length - pages_end)
+        outs = []
+        for i, (pool, wk, wv) in enumerate(caches):
+            args = (query, pool, table, pages_end, wk, wv, key, value, None, 0.125, None, None, k_mean, v_mean, 64,
+                    rotate_values)
+            if i == 2:
+                triton_kernels.append_with_window(pool, table, length, num_paged, wk, wv, key, value, k_mean, v_mean,
+                                                  64, rotate_values)
+                outs.append(triton_kernels.paged_attention(*args, **window))
+            else:
+                impl = reference if i == 0 else triton_kernels
+                outs.append(impl.paged_attention(*args, **window, append_from=num_paged))
+        length, num_paged = length + 1, new_paged
+        for pool, wk, wv in caches[1:]:
+            assert_same_pages(caches[0][0], pool)
+            if ring:
+                assert torch.equal(caches[0][1], wk) and torch.equal(caches[0][2], wv)
+        assert torch.equal(outs[1], outs[2])
+        torch.testing.assert_close(outs[1].float(), outs[0].float(), rtol=0.05, atol=0.05)
+
+
 @pytest.mark.parametrize("dtype,head_dim,block", [(torch.bfloat16, 64, 64), (torch.float16, 128, 16)], ids=str)
 def test_dequantize_kernel_equals_the_torch_twin_and_ignores_poisoned_slots(dtype, head_dim, block):
     batch, heads, tokens = 2, 3, 37
@@ -289,6 +336,27 @@ def test_the_launch_cache_key_separates_what_triton_specializes_on():
     assert len({classes[0], classes[1], classes[2], classes[4], classes[5]}) == 5
     assert classes[1] == classes[3] == key((32,)) and classes[2] == key((33,))
     assert key((0.5,)) == key((2.0,)) and key((True,)) != key((False,)) and key((None,)) != key((0.5,))
+
+
+def test_a_launch_site_key_that_stands_for_two_specializations_is_caught(monkeypatch):
+    """A launcher's own site key replaces the full key in eager decode steps; if it missed something Triton
+    specializes on, a kernel compiled for other arguments would run. Tests run with CHECK_SITE_KEYS (conftest.py),
+    which compares every site key with the full key, except for the arguments Triton does not specialize on."""
+    monkeypatch.setattr(triton_kernels, "CHECK_SITE_KEYS", True)
+    monkeypatch.setattr(triton_kernels, "_SITE_FULL_KEYS", {})
+    state = torch.zeros(4, dtype=torch.int32, device=DEVICE)
+    ring = torch.zeros(2, 2, 4, 64, device=DEVICE)
+    launch = triton_kernels._launch
+    launch(triton_kernels._advance_state_kernel, (1,), (state, 1), dict(R=4), site=("advance",))
+    with pytest.raises(AssertionError, match="stands for two specializations"):  # n == 1 is a constant
+        launch(triton_kernels._advance_state_kernel, (1,), (state, 2), dict(R=4), site=("advance",))
+    with pytest.raises(AssertionError, match="stands for two specializations"):  # a constexpr
+        launch(triton_kernels._advance_state_kernel, (1,), (state, 1), dict(R=8), site=("advance",))
+    args = lambda length: (ring, *ring.stride()[:3], ring, *ring.stride()[:3], ring, ring, *ring.stride()[:3],  # noqa: E731
+                           state, length, 1, 1, 2)
+    kwargs = dict(R=4, BLOCK=1, D=64, LENGTHS_ON_DEVICE=False)
+    for length in (3, 16, 1):  # `length` is not specialized (do_not_specialize): one site for all
+        launch(triton_kernels._ring_write_kernel, (4, 2), args(length), kwargs, site=("ring",))
 
 
 def test_triton_backend_generates_like_the_torch_backend_on_a_tiny_llama():

@@ -65,6 +65,7 @@ class PagedKVStore:
         self._state: Optional[torch.Tensor] = None
         self._host_stale = False
         self._length = self._num_paged = 0
+        self._pending = None
         self.reset()
 
     # ---------------------------------------------------------------------------------------------- bookkeeping
@@ -72,6 +73,7 @@ class PagedKVStore:
     def reset(self) -> None:
         """Forget every token; the pool stays allocated and all its pages become free."""
         self._host_stale = False  # everything is forgotten: nothing to read back
+        self._pending = None
         self.length = 0
         self.num_paged = 0
         self.batch_size: Optional[int] = None
@@ -396,8 +398,13 @@ class PagedKVStore:
 
     # ---------------------------------------------------------------------------------------------- tokens
 
-    def append(self, key: torch.Tensor, value: torch.Tensor) -> int:
-        """Store key/value [B, H, n, D] after the cached tokens. Returns the length before the call."""
+    def append(self, key: torch.Tensor, value: torch.Tensor, defer: bool = False) -> int:
+        """Store key/value [B, H, n, D] after the cached tokens. Returns the length before the call.
+
+        defer: the next call is `attend` of this chunk (the saw_int4 attention of a decode step): a one-token
+        append is then done by the attention's launch (one kernel per layer and step on the Triton backend). The
+        lengths count the token at once; anything else that reads or changes the storage first writes it."""
+        self._write_pending()
         self._check_input(key, value)
         if self.batch_size is None:
             self._start(key)
@@ -408,18 +415,33 @@ class PagedKVStore:
         if self.key_mean is None and self.value_mean is None and past == 0 and self.num_paged == 0:
             self._estimate_means(key, value)
         new_length = past + n
-        new_paged = max(self.num_paged, new_length - self.config.residual_length)
-        if new_paged > self.num_paged:
+        paged = self.num_paged
+        new_paged = max(paged, new_length - self.config.residual_length)
+        # Pages are needed for a new column, or to make a shared last page private (after a beam reorder).
+        if new_paged > paged and (self.may_share or -(-new_paged // self.page_size) > -(-paged // self.page_size)):
             self._reserve(new_paged)
-        # Tokens leaving the window (or, without one, all of them) go to the pages, the newest into the window's
-        # ring: one kernel launch for a decode step on the Triton backend.
-        self.backend.append_with_window(
-            self.pool, self.block_table, past, self.num_paged, self.window_key, self.window_value, key, value,
-            self.key_mean, self.value_mean, self.config.hadamard_block, self.config.rotate_values,
-        )
+        if defer and n == 1 and past:
+            self._pending = (key, value, paged, past)
+        else:
+            # Tokens leaving the window (or, without one, all of them) go to the pages, the newest into the
+            # window's ring: one kernel launch for a decode step on the Triton backend.
+            self.backend.append_with_window(
+                self.pool, self.block_table, past, paged, self.window_key, self.window_value, key, value,
+                self.key_mean, self.value_mean, self.config.hadamard_block, self.config.rotate_values,
+            )
         self.num_paged = new_paged
         self.length = new_length
         return past
+
+    def _write_pending(self) -> None:
+        """The deferred append (see `append`), if any, as its own launch."""
+        if self._pending is None:
+            return
+        (key, value, paged, length), self._pending = self._pending, None
+        self.backend.append_with_window(
+            self.pool, self.block_table, length, paged, self.window_key, self.window_value, key, value,
+            self.key_mean, self.value_mean, self.config.hadamard_block, self.config.rotate_values,
+        )
 
     # ---------------------------------------------------------------------------------- static decode, on the device
     # The same results as append/attend, with the lengths read on the device (`_state`): what a decode step under
@@ -427,6 +449,7 @@ class PagedKVStore:
 
     def append_on_device(self, key: torch.Tensor, value: torch.Tensor) -> None:
         """append() for a static store that already holds this batch's tokens."""
+        self._write_pending()
         n = key.shape[2]
         if (key.shape != (self.batch_size, self.num_heads, n, self.head_dim) or key.dtype != self.dtype
                 or key.device != self.device or value.shape != key.shape or value.dtype != key.dtype
@@ -466,6 +489,12 @@ class PagedKVStore:
     def attend(self, query, chunk_key, chunk_value, past_length: int, mask, scaling, softcap=None, sinks=None):
         """Attention of query [B, Hq, nq, D] over the tokens cached before position `past_length` plus the
         full-precision current chunk (positions [past_length, past_length + n)). Returns [B, nq, Hq, D]."""
+        pending, append_from = self._pending, None
+        if pending is not None:
+            if pending[0] is chunk_key and pending[1] is chunk_value and pending[3] == past_length:
+                self._pending, append_from = None, pending[2]  # the attention's launch appends it
+            else:
+                self._write_pending()
         pages_end = min(self.num_paged, past_length)
         r = self.config.residual_length
         in_window = past_length - pages_end
@@ -473,16 +502,18 @@ class PagedKVStore:
         if mask is not None and mask.shape[-1] > total:  # static mode: masks span max_cache_len positions
             mask = mask[..., :total]
         # The window goes as its ring buffer (slot = position % r), read in place: no reordered copy per step.
+        window = in_window or append_from is not None
         return self.backend.paged_attention(
             query, self.pool, self.block_table, pages_end,
-            self.window_key if in_window else None, self.window_value if in_window else None,
+            self.window_key if window else None, self.window_value if window else None,
             chunk_key, chunk_value, mask, scaling, softcap, sinks, self.key_mean, self.value_mean,
             self.config.hadamard_block, self.config.rotate_values,
-            window_start=pages_end % r if r else 0, window_length=in_window,
+            window_start=pages_end % r if r else 0, window_length=in_window, append_from=append_from,
         )
 
     def dequantize(self, stop: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of positions [0, stop) in the model's frame and dtype: [B, H, stop, D]."""
+        self._write_pending()
         stop = self.length if stop is None else stop
         pages_end = min(self.num_paged, stop)
         keys, values = self.backend.dequantize_pages(
@@ -500,6 +531,7 @@ class PagedKVStore:
 
     def crop(self, new_length: int) -> None:
         """Keep positions [0, new_length)."""
+        self._write_pending()
         if new_length >= self.length:
             return
         new_length = max(new_length, 0)
@@ -511,6 +543,7 @@ class PagedKVStore:
 
     def select(self, indices: torch.Tensor) -> None:
         """Make sequence i a copy of old sequence indices[i] (beam reorder, repeat, select). Pages are shared."""
+        self._write_pending()
         if self.batch_size is None:
             return
         if self.static:
@@ -550,6 +583,7 @@ class PagedKVStore:
         """
         if self.batch_size is None:
             raise ValueError(f"SawInt4Cache layer {self.layer_idx} holds no tokens (never used, or reset).")
+        self._write_pending()
         columns = self.columns_used
         pages = None
         if columns:

@@ -96,7 +96,8 @@ class SawInt4Layer(CacheLayerMixin):
         return self._update_on_host(key_states, value_states)
 
     def _update_on_host(self, key_states: torch.Tensor, value_states: torch.Tensor):
-        past = self.store.append(key_states, value_states)
+        # Once the saw_int4 attention reads this layer, a decode step's token is appended by the attention's launch.
+        past = self.store.append(key_states, value_states, defer=self.read_by_saw_attention)
         self.is_initialized = True
         self.device = key_states.device
         if self.read_by_saw_attention:

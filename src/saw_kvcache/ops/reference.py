@@ -402,9 +402,16 @@ def paged_attention(
     window_start: int = 0,
     window_length: Optional[int] = None,
     state: Optional[torch.Tensor] = None,
+    append_from: Optional[int] = None,
 ) -> torch.Tensor:
     """Attention of query [B, Hq, nq, D] over, in position order: the INT4 pages (positions [0, num_paged)), the
     full-precision window and the current chunk [B, H, n, D]. Returns [B, nq, Hq, D] in query.dtype.
+
+    With `append_from` (lengths on the host only), the chunk is first appended to the cache, as
+    append_with_window(pool, block_table, L, append_from, window_key, window_value, chunk_key, chunk_value, ...)
+    with L = num_paged + window_length: the pages held [0, append_from) before the call, and the window is the
+    cache's whole ring (slot = position % R). num_paged and the window range describe the cache after the append.
+    The Triton backend does a one-token append in the attention's own launch.
 
     The window [B, H, R, D] may be a ring buffer: its tokens, in position order, are slots (window_start + i) % R
     for i < window_length (default: all R slots from slot 0), so a cache passes its ring as it is.
@@ -418,6 +425,12 @@ def paged_attention(
     is ever built. Scores use q·k = rot(q)·rot(k - mean) + q·mean, exactly the model's q·k up to quantization.
     """
     b, hq, nq, d = query.shape
+    if append_from is not None:
+        if state is not None:
+            raise ValueError("paged_attention: append_from is for lengths on the host; with `state`, use append_from_state")
+        length = num_paged + (window_key.shape[2] if window_length is None else window_length) if window_key is not None else num_paged
+        append_with_window(pool, block_table, length, append_from, window_key, window_value, chunk_key, chunk_value,
+                           key_mean, value_mean, hadamard_block, rotate_values)
     if state is not None:
         ring = window_key.shape[2] if window_key is not None else 0
         num_paged, window_start, window_length = attention_lengths(state, chunk_key.shape[2], ring)

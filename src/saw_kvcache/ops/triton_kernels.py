@@ -35,8 +35,30 @@ from .reference import PagedKV, hadamard_scale
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _ROUND_BF16_ON_BITS = tl.constexpr(INTERPRET)
+_PTX = tl.constexpr(not INTERPRET)
+
+
+class _Tuning(dict):
+    """A dict that counts its changes: launch site keys (below) hold the count, so that a benchmark's sweep, which
+    changes the settings between launches, never reuses a kernel compiled for other settings."""
+
+    version = 0
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        self.version += 1
+
+    def __delitem__(self, key):
+        super().__delitem__(key)
+        self.version += 1
+
+    def update(self, *args, **kwargs):
+        super().update(*args, **kwargs)
+        self.version += 1
+
+
 # Launch settings, chosen by `benchmarks/bench_kernels.py --sweep` on an H200 (docs/kernel_notes.md).
-TUNING = {
+TUNING = _Tuning({
     "decode": {"num_warps": 4, "num_stages": 2},
     "prefill": {"num_warps": 4, "num_stages": 2},
     "decode_max_queries": 16,  # up to this many queries per sequence use the decode settings
@@ -52,7 +74,7 @@ TUNING = {
     "write_tokens": 32,  # tokens per program of the write kernel
     "write_butterfly": "gather",  # "gather" (partners in other threads by tl.gather) or "reshape" (split/join)
     "rotation_precision": "tf32x3",  # of the in-kernel rotation by tl.dot for 16-bit inputs
-}
+})
 
 
 # float32 models: two pipeline stages, or the float32 window tiles take ~216 KB of shared memory (no GPU before
@@ -121,21 +143,70 @@ def _specialization(args: tuple) -> tuple:
     return tuple(key)
 
 
-def _launch(kernel, grid: tuple, args: tuple, constexprs: dict) -> None:
-    """kernel[grid](*args, **constexprs), through the compiled kernel's launcher once that specialization exists."""
+# A launcher may also name its launch by a cheap `site` key of its own, derived from the inputs that decide its
+# constexprs and what Triton specializes its arguments on (shapes, strides, dtypes, flags), valid while every tensor
+# argument is 16-byte aligned. Eager decoding repeats the same few sites at every layer and step; with the key, the
+# constexprs are not even built and the arguments not classified one by one. Tests set CHECK_SITE_KEYS (the
+# environment's SAW_KVCACHE_CHECK_SITE_KEYS=1), which checks at every launch that a site never stands for two
+# different full keys.
+_SITES: dict = {}
+CHECK_SITE_KEYS = os.environ.get("SAW_KVCACHE_CHECK_SITE_KEYS") == "1"
+_SITE_FULL_KEYS: dict = {}
+
+
+# Per kernel: the positions of the arguments Triton does not specialize on (do_not_specialize), which the check of
+# site keys leaves out.
+_PER_CALL_POSITIONS: dict = {}
+
+
+def _jit_per_call(*names):
+    """triton.jit with do_not_specialize=names: integers that change at every decode step."""
+    def wrap(fn):
+        kernel = triton.jit(do_not_specialize=list(names))(fn)
+        _PER_CALL_POSITIONS[kernel] = frozenset(kernel.arg_names.index(name) for name in names)
+        return kernel
+    return wrap
+
+
+def _aligned(*tensors) -> bool:
+    """Every tensor's data 16-byte aligned (one test over all their addresses)."""
+    bits = 0
+    for t in tensors:
+        bits |= t.data_ptr()
+    return not bits & 15
+
+
+def _launch(kernel, grid: tuple, args: tuple, constexprs, site=None) -> None:
+    """kernel[grid](*args, **constexprs()), through the compiled kernel's launcher once that specialization exists.
+    `constexprs` is the dict of constexprs, or a function returning it (called only when the launch is not cached);
+    `site` (optional) a key of the caller's that determines the constexprs and the specialization (see above)."""
     global FAST_LAUNCH
+    if isinstance(constexprs, dict):
+        constexprs = constexprs.copy
+    if CHECK_SITE_KEYS and site is not None:
+        per_call = _PER_CALL_POSITIONS.get(kernel, ())
+        full = (tuple(constexprs().items()),
+                tuple(x for i, x in enumerate(_specialization(args)) if i not in per_call))
+        seen = _SITE_FULL_KEYS.setdefault((kernel, site), full)
+        if seen != full:
+            raise AssertionError(f"launch site key {site} of {kernel} stands for two specializations: {seen} and {full}")
     if not FAST_LAUNCH or _hooks_active():
-        kernel[grid](*args, **constexprs)
+        kernel[grid](*args, **constexprs())
         return
     device = torch.cuda.current_device()
-    key = (kernel, device, tuple(constexprs.items()), _specialization(args))
-    entry = _COMPILED.get(key)
+    entry = _SITES.get((kernel, device, site)) if site is not None else None
     if entry is None:
-        compiled = kernel[grid](*args, **constexprs)
-        names = getattr(kernel, "arg_names", None)
-        if names is not None and hasattr(compiled, "packed_metadata"):
-            _COMPILED[key] = (compiled, tuple(constexprs[name] for name in names[len(args):]))
-        return
+        values = constexprs()
+        key = (kernel, device, tuple(values.items()), _specialization(args))
+        entry = _COMPILED.get(key)
+        if entry is None:
+            compiled = kernel[grid](*args, **values)
+            names = getattr(kernel, "arg_names", None)
+            if names is not None and hasattr(compiled, "packed_metadata"):
+                _COMPILED[key] = (compiled, tuple(values[name] for name in names[len(args):]))
+            return
+        if site is not None:
+            _SITES[(kernel, device, site)] = entry
     compiled, tail = entry
     grid = tuple(grid) + (1,) * (3 - len(grid))
     try:
@@ -143,7 +214,17 @@ def _launch(kernel, grid: tuple, args: tuple, constexprs: dict) -> None:
                      compiled.packed_metadata, None, None, None, *args, *tail)
     except TypeError:  # another Triton's launcher signature: its arguments are checked before anything launches
         FAST_LAUNCH = False
-        kernel[grid](*args, **constexprs)
+        kernel[grid](*args, **constexprs())
+
+
+@triton.jit
+def _mul_rn(a, b):
+    """a * b rounded once and never contracted into a fused multiply-add with a later addition (the twin rounds
+    the product): the write's arithmetic then gives the same bits in kernels compiled with FMA contraction on."""
+    if _PTX:
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    return a * b
 
 
 @triton.jit
@@ -165,7 +246,7 @@ def _fwht(x, ROWS: tl.constexpr, D: tl.constexpr, LOG_BLOCK: tl.constexpr, SCALE
             partner = tl.gather(x, col ^ (1 << i), 1)
             x = tl.fma(x, tl.where((col & (1 << i)) == 0, 1.0, -1.0), partner)
     if LOG_BLOCK > 0:
-        x = x * SCALE
+        x = _mul_rn(x, tl.full([ROWS, D], SCALE, tl.float32))
     return x
 
 
@@ -188,7 +269,7 @@ def _round_to(x, ty: tl.constexpr):
 
 # Arguments that change at every decode step are not specialized (Triton would otherwise compile a kernel for each
 # of "divisible by 16", "equal to 1" and "other", so the first decode steps of a user's first call each compiled).
-@triton.jit(do_not_specialize=["start", "length"])
+@_jit_per_call("start", "length")
 def _write_kernel(
     XK, s_kb, s_kh, s_kn, KMEAN, KC, KM, WK,
     XV, s_vb, s_vh, s_vn, VMEAN, VC, VM, WV,
@@ -278,7 +359,7 @@ def _write_tile(
     scale_f = scale.to(tl.float32)
     nonzero = tl.where(scale_f > 0, scale_f, 1.0)
     inv = tl.where(scale_f > 0, tl.fdiv(tl.full(scale_f.shape, 1.0, tl.float32), nonzero, ieee_rounding=True), 0.0)
-    q = tl.floor((x - lo[:, None]) * inv[:, None] + 0.5)
+    q = tl.floor(_mul_rn(x - lo[:, None], tl.broadcast_to(inv[:, None], (T, D))) + 0.5)
     q = tl.minimum(tl.maximum(q, 0.0), 15.0).to(tl.uint8)
     pos = start + t
     page = tl.load(BT + b * stride_btb + pos // P, mask=t_ok, other=0)
@@ -356,17 +437,33 @@ def _write_pages(
         tiles = _cdiv(start % tokens + n, tokens) if n else 0
     if tiles == 0:
         return
-    key = key if key.stride(-1) == 1 else key.contiguous()
-    value = value if value.stride(-1) == 1 else value.contiguous()
+    ks, vs = key.stride(), value.stride()
+    if ks[-1] != 1:
+        key = key.contiguous()
+        ks = key.stride()
+    if vs[-1] != 1:
+        value = value.contiguous()
+        vs = value.stride()
     v_block = hadamard_block if rotate_values else 0
     wk, wv = (key, value) if window_key is None else (window_key, window_value)
-    ks, vs, ws = key.stride(), value.stride(), wk.stride()
-    _launch(_write_kernel, (tiles, b * h, 2), (
-        key, ks[0], ks[1], ks[2], key_mean if key_mean is not None else pool.k_meta, pool.k_codes, pool.k_meta, wk,
-        value, vs[0], vs[1], vs[2], value_mean if value_mean is not None else pool.v_meta, pool.v_codes,
-        pool.v_meta, wv, ws[0], ws[1], ws[2], state if state is not None else block_table,
-        block_table, block_table.stride(0), start, length or 0, n, h,
-    ), dict(
+    ws = wk.stride()
+    bt_stride = block_table.stride(0)
+    k_mean = key_mean if key_mean is not None else pool.k_meta
+    v_mean = value_mean if value_mean is not None else pool.v_meta
+    table = state if state is not None else block_table
+    args = (
+        key, ks[0], ks[1], ks[2], k_mean, pool.k_codes, pool.k_meta, wk,
+        value, vs[0], vs[1], vs[2], v_mean, pool.v_codes, pool.v_meta, wv, ws[0], ws[1], ws[2], table,
+        block_table, bt_stride, start, length or 0, n, h,
+    )
+    site = None
+    if _aligned(key, k_mean, pool.k_codes, pool.k_meta, wk, value, v_mean, pool.v_codes, pool.v_meta, wv, table,
+                block_table):
+        site = (TUNING.version, key.dtype, value.dtype, wk.dtype, wv.dtype, k_mean.dtype, v_mean.dtype,
+                pool.k_codes.dtype, pool.k_meta.dtype, pool.v_codes.dtype, pool.v_meta.dtype, table.dtype,
+                block_table.dtype, ks, vs, ws, bt_stride, n, h, d, page_size, hadamard_block, v_block,
+                key_mean is None, value_mean is None, state is None, length is None, ring_write, ring)
+    _launch(_write_kernel, (tiles, b * h, 2), args, lambda: dict(
         HAS_KMEAN=key_mean is not None, HAS_VMEAN=value_mean is not None, D=d, P=page_size, T=tokens,
         LOG_BLOCK_K=_log2(hadamard_block), SCALE_K=hadamard_scale(hadamard_block) if hadamard_block else 1.0,
         LOG_BLOCK_V=_log2(v_block), SCALE_V=hadamard_scale(v_block) if v_block else 1.0,
@@ -375,7 +472,7 @@ def _write_pages(
         EVICT=state is not None or length is not None,
         LENGTHS_ON_DEVICE=state is not None, RING_WRITE=ring_write, R=ring, enable_fp_fusion=False,
         **TUNING["write"],
-    ))
+    ), site)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -646,18 +743,19 @@ def _value_codes(VC, BT, b, s_bt, tile, stop, h, H, D: tl.constexpr, BLOCK_N: tl
     return tl.reshape(codes, (D, BLOCK_N // 2))
 
 
-@triton.jit(do_not_specialize=["win_start", "n_win", "sm_b", "sm_q", "num_paged", "n_raw", "total", "tiles_per_split"])
+@_jit_per_call("win_start", "n_win", "sm_b", "sm_q", "num_paged", "n_raw", "total", "tiles_per_split",
+               "append_from")
 def _attention_kernel(
     Q, sq_b, sq_h, sq_n,
     KC, KM, VC, VM, BT, s_bt,
     KMEAN, VMEAN,
-    WK, WV, sw_b, sw_h, sw_n, win_start, ring, n_win,
+    WK, WV, RK, RV, sw_b, sw_h, sw_n, win_start, ring, n_win,
     CK, CV, sc_b, sc_h, sc_n,
     MASK, sm_b, sm_q,
     SINKS,
     OUT, so_b, so_n, so_h,
     PART_M, PART_L, PART_ACC, STATE, TICKETS,
-    num_paged, n_raw, nq, total, tiles_per_split, H, num_splits, num_q_blocks,
+    num_paged, n_raw, nq, total, tiles_per_split, H, num_splits, num_q_blocks, append_from,
     scaling, softcap,
     G: tl.constexpr, BLOCK_Q: tl.constexpr, M: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
     BLOCK_N: tl.constexpr, RAW_BLOCK_N: tl.constexpr,
@@ -667,10 +765,18 @@ def _attention_kernel(
     HAS_KMEAN: tl.constexpr, HAS_VMEAN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_SINKS: tl.constexpr, SINGLE_SPLIT: tl.constexpr, STATE_ON_DEVICE: tl.constexpr,
     FUSED_MERGE: tl.constexpr, MERGE_CHUNK: tl.constexpr,
+    APPEND: tl.constexpr, W_T: tl.constexpr, W_GATHER_FROM: tl.constexpr, W_R: tl.constexpr,
 ):
     """FUSED_MERGE: the splits of one (sequence, KV head, query block) take a ticket from TICKETS (int32, zero)
     after storing their partial results; the last one merges them, writes the output and puts the ticket back to
-    zero, so that no second kernel is launched."""
+    zero, so that no second kernel is launched.
+
+    APPEND (one-token chunks, one query block, lengths on the host): the chunk's token is first appended to the
+    cache as _write_kernel's EVICT + RING_WRITE would (the pages held [0, append_from) before; the ring RK/RV,
+    W_R slots, is the window's own buffer, which WK/WV may be a float32 copy of under the CPU interpreter), by the
+    last split's program before it reads anything: a token leaving the window lands in that program's last tile
+    (position num_paged - 1), which no other program reads, and the new token takes the ring slot of the token
+    that left, which the window's range [num_paged, total - 1) excludes. One launch per layer and decode step."""
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     s = tl.program_id(2)
@@ -685,6 +791,21 @@ def _attention_kernel(
         tiles_per_split = tl.cdiv(tl.cdiv(num_paged, BLOCK_N), num_splits)
     b = bh // H
     h = bh % H
+    if APPEND:
+        if s == num_splits - 1:
+            n_new = n_raw - n_win
+            _write_tile(CK, sc_b, sc_h, sc_n, KMEAN, KC, KM, RK, sw_b, sw_h, sw_n, STATE, BT, s_bt, append_from,
+                        total - n_new, n_new, H, HAS_KMEAN, D, P, W_T, LOG_BLOCK, SCALE, W_GATHER_FROM, True, False,
+                        W_R > 0, W_R, False)
+            if ROTATE_VALUES:
+                _write_tile(CV, sc_b, sc_h, sc_n, VMEAN, VC, VM, RV, sw_b, sw_h, sw_n, STATE, BT, s_bt, append_from,
+                            total - n_new, n_new, H, HAS_VMEAN, D, P, W_T, LOG_BLOCK, SCALE, W_GATHER_FROM, True,
+                            False, W_R > 0, W_R, True)
+            else:
+                _write_tile(CV, sc_b, sc_h, sc_n, VMEAN, VC, VM, RV, sw_b, sw_h, sw_n, STATE, BT, s_bt, append_from,
+                            total - n_new, n_new, H, HAS_VMEAN, D, P, W_T, 0, 1.0, W_GATHER_FROM, True, False,
+                            W_R > 0, W_R, True)
+            tl.debug_barrier()  # the written page rows are read below by other threads of this program
     rows = tl.arange(0, M)
     g = rows // BLOCK_Q
     qi = qb * BLOCK_Q + rows % BLOCK_Q
@@ -935,9 +1056,10 @@ def _split_buffers(device: torch.device, rows: int, d: int, tickets: int, reuse:
 _BLOCK_N_FITS: dict = {}
 
 
-def _attention_plan(b: int, h: int, g: int, nq: int, num_paged: int, pieces: int, device: torch.device,
-                    block_n_cap: int):
-    """(BLOCK_Q, M, number of query blocks, BLOCK_N, splits, tiles per split) for one call."""
+@functools.lru_cache(maxsize=1024)
+def _attention_shape(b: int, h: int, g: int, nq: int, pieces: int, programs_wanted: int, block_n_cap: int,
+                     tuning_version: int):
+    """The part of _attention_plan that does not depend on the sequence length."""
     block_q = max(1, min(_next_pow2(nq), max(1, TUNING["prefill_rows"] // _next_pow2(g))))
     m = max(8, _next_pow2(g) * block_q)  # 8 rows: stacked in pieces, dots see at least 16
     q_blocks = _cdiv(nq, block_q)
@@ -945,15 +1067,32 @@ def _attention_plan(b: int, h: int, g: int, nq: int, num_paged: int, pieces: int
     if m * max(pieces, 1) > 16:  # more than 16 stacked rows: 256-token steps overran shared memory on an H200
         block_n = min(block_n, 128)
     block_n = min(block_n, block_n_cap)
+    # Rounded down: rounding up launched a partial second wave (8 x 8k on an H200: 320 programs for 264 slots).
+    most_splits = max(1, programs_wanted // (b * h * q_blocks))
+    return block_q, m, q_blocks, block_n, most_splits
+
+
+def _attention_plan(b: int, h: int, g: int, nq: int, num_paged: int, pieces: int, device: torch.device,
+                    block_n_cap: int):
+    """(BLOCK_Q, M, number of query blocks, BLOCK_N, splits, tiles per split) for one call."""
+    block_q, m, q_blocks, block_n, most_splits = _attention_shape(
+        b, h, g, nq, pieces, _programs_wanted(device), block_n_cap, TUNING.version)
     n_tiles = _cdiv(num_paged, block_n)
-    programs = b * h * q_blocks
-    splits = 1
-    if n_tiles > 1:
-        # Rounded down: rounding up launched a partial second wave (8 x 8k on an H200: 320 programs for 264 slots).
-        splits = min(n_tiles, max(1, _programs_wanted(device) // programs))
-    tiles_per_split = _cdiv(n_tiles, splits) if n_tiles else 1
-    splits = _cdiv(n_tiles, tiles_per_split) if n_tiles else 1
-    return block_q, m, q_blocks, block_n, splits, tiles_per_split
+    if n_tiles == 0:
+        return block_q, m, q_blocks, block_n, 1, 1
+    splits = min(n_tiles, most_splits)
+    tiles_per_split = _cdiv(n_tiles, splits)
+    return block_q, m, q_blocks, block_n, _cdiv(n_tiles, tiles_per_split), tiles_per_split
+
+
+def _same_strides(key: Optional[torch.Tensor], value: Optional[torch.Tensor]):
+    """The kernels index keys and values with one set of strides, the last one 1: copies where that fails."""
+    if key is None:
+        return None, None
+    strides = key.stride()
+    if strides[-1] != 1 or strides != value.stride():
+        return key.contiguous(), value.contiguous()
+    return key, value
 
 
 def _paged_attention(
@@ -976,21 +1115,23 @@ def _paged_attention(
     window_start: int = 0,
     window_length: Optional[int] = None,
     state: Optional[torch.Tensor] = None,
+    append_from: Optional[int] = None,
 ) -> torch.Tensor:
     """Same contract as reference.paged_attention (boolean or no mask). The window's ring buffer and the chunk
     are read where they are (no concatenated copy). With `state`, the kernel reads the lengths from it and the
-    grid depends only on the upper bound num_paged (CUDA-graph replays at any length)."""
+    grid depends only on the upper bound num_paged (CUDA-graph replays at any length). With `append_from`, a
+    one-token chunk is appended by the attention's own launch (see _attention_kernel's APPEND)."""
     b, hq, nq, d = query.shape
-    raw = []
-    for k, v in ((window_key, window_value), (chunk_key, chunk_value)):
-        if k is not None and (k.stride(-1) != 1 or k.stride() != v.stride()):
-            k, v = k.contiguous(), v.contiguous()
-        raw.append((k, v))
-    (wk, wv), (ck, cv) = raw
+    if append_from is not None and state is not None:
+        raise ValueError("paged_attention: append_from is for lengths on the host; with `state`, use append_from_state")
+    ring_key, ring_value = window_key, window_value
+    wk, wv = _same_strides(window_key, window_value)
+    ck, cv = _same_strides(chunk_key, chunk_value)
+    chunk_dtype = ck.dtype if ck is not None else query.dtype
     ring = wk.shape[2] if wk is not None else 1
     n_win = 0 if wk is None else ring if window_length is None else window_length
     n_chunk = ck.shape[2] if ck is not None else 0
-    h = next((k.shape[1] for k in (wk, ck) if k is not None), None) or pool.k_codes.shape[1]
+    h = wk.shape[1] if wk is not None else ck.shape[1] if ck is not None else pool.k_codes.shape[1]
     n_raw = n_win + n_chunk
     g = hq // h
     total = num_paged + n_raw
@@ -1003,6 +1144,7 @@ def _paged_attention(
     if query.stride(-1) != 1:
         query = query.contiguous()
     out = torch.empty(b, nq, hq, d, dtype=query.dtype, device=query.device)
+    real_pool = pool
     if pool is None:  # no pages yet: nothing is read, but the kernel is typed by uint8 codes and 16-bit meta
         codes = query.view(torch.uint8)
         pool = PagedKV(codes, query, codes, query)
@@ -1012,15 +1154,23 @@ def _paged_attention(
             raise ValueError("the Triton attention takes boolean masks (transformers' sdpa masks); got " + str(mask.dtype))
         mask = mask.expand(b, 1, nq, total if state is None else mask.shape[-1])
         mask_u8 = mask.view(torch.uint8)
-    for name in ("k_codes", "v_codes", "k_meta", "v_meta") if num_paged else ():
-        if getattr(pool, name).data_ptr() % 16:
-            raise ValueError(f"the Triton attention needs 16-byte aligned pools; pool.{name} is not (allocate it with "
-                             "torch.empty, or pass a .clone())")
     if INTERPRET:  # the CPU interpreter computes 16-bit dots wrongly: there, dots run in float32
         query = query.float()
         wk, wv, ck, cv = (None if t is None else t.float() for t in (wk, wv, ck, cv))
         sixteen_bit = False
-    wk, wv, ck, cv = (query if t is None else t for t in (wk, wv, ck, cv))
+    # A decode step's append goes into the attention's own launch (its ring is the window's buffer, which the
+    # kernel indexes with the strides of the window it reads); otherwise it is launched first. Either way the
+    # attention sees the cache after the append (the window range it reads is not the ring slot the append fills).
+    fuse_append = (append_from is not None and n_chunk == 1 and nq == 1 and real_pool is not None
+                   and (wk is None or wk.stride() == ring_key.stride()))
+    if append_from is not None and not fuse_append:
+        _append(real_pool, block_table, None, num_paged + n_win, append_from, ring_key, ring_value, chunk_key,
+                chunk_value, key_mean, value_mean, hadamard_block, rotate_values)
+    if wk is None:
+        wk = wv = query
+    if ck is None:
+        ck = cv = query
+    rk, rv = (ring_key, ring_value) if fuse_append and ring_key is not None else (wk, wv)
     fit_key = (query.device, d, g, nq, pieces, query.dtype)
     while True:
         block_q, m, q_blocks, block_n, splits, tiles_per_split = _attention_plan(
@@ -1033,21 +1183,36 @@ def _paged_attention(
         else:
             part_m = part_l = part_acc = out
         try:
-            qs, ws, cs, os_ = query.stride(), wk.stride(), ck.stride(), out.stride()
+            qs, ws, cs, os_, bt_stride = query.stride(), wk.stride(), ck.stride(), out.stride(), block_table.stride(0)
+            k_mean = key_mean if key_mean is not None else query
+            v_mean = value_mean if value_mean is not None else query
+            mask_arg = mask_u8 if mask is not None else query
+            sinks_arg = sinks if sinks is not None else query
+            state_arg = state if state is not None else part_m
+            tickets_arg = tickets if fused else part_m
+            tensors = (query, pool.k_codes, pool.k_meta, pool.v_codes, pool.v_meta, block_table, k_mean, v_mean, wk,
+                       wv, rk, rv, ck, cv, mask_arg, sinks_arg, out, part_m, part_l, part_acc, state_arg, tickets_arg)
+            site = None
+            if _aligned(*tensors):
+                site = (TUNING.version, tuple([t.dtype for t in tensors]), qs, ws, cs, os_, bt_stride, ring,
+                        nq, h, g, d, page_size, block_n, splits, q_blocks, hadamard_block, rotate_values,
+                        key_mean is None, value_mean is None, mask is None, sinks is None, bool(softcap),
+                        state is None, fused, fuse_append, chunk_dtype, ring_key is None)
+            elif num_paged and not _aligned(*pool):
+                name = next(name for name, t in zip(PagedKV._fields, pool) if t.data_ptr() % 16)
+                raise ValueError(f"the Triton attention needs 16-byte aligned pools; pool.{name} is not (allocate it "
+                                 "with torch.empty, or pass a .clone())")
             _launch(_attention_kernel, (q_blocks, b * h, splits), (
                 query, qs[0], qs[1], qs[2],
-                pool.k_codes, pool.k_meta, pool.v_codes, pool.v_meta, block_table, block_table.stride(0),
-                key_mean if key_mean is not None else query, value_mean if value_mean is not None else query,
-                wk, wv, ws[0], ws[1], ws[2], window_start, ring, n_win,
+                pool.k_codes, pool.k_meta, pool.v_codes, pool.v_meta, block_table, bt_stride,
+                k_mean, v_mean, wk, wv, rk, rv, ws[0], ws[1], ws[2], window_start, ring, n_win,
                 ck, cv, cs[0], cs[1], cs[2],
-                mask_u8 if mask is not None else query, mask.stride(0) if mask is not None else 0,
-                mask.stride(2) if mask is not None else 0,
-                sinks if sinks is not None else query,
-                out, os_[0], os_[1], os_[2],
-                part_m, part_l, part_acc, state if state is not None else part_m, tickets if fused else part_m,
+                mask_arg, mask.stride(0) if mask is not None else 0, mask.stride(2) if mask is not None else 0,
+                sinks_arg, out, os_[0], os_[1], os_[2],
+                part_m, part_l, part_acc, state_arg, tickets_arg,
                 num_paged, n_raw if state is None else n_chunk, nq, total, tiles_per_split, h, splits, q_blocks,
-                scaling, softcap or 0.0,
-            ), dict(
+                append_from or 0, scaling, softcap or 0.0,
+            ), lambda: dict(
                 G=g, BLOCK_Q=block_q, M=m, D=d, P=page_size, BLOCK_N=block_n, RAW_BLOCK_N=64,
                 BLOCK=hadamard_block, LOG_BLOCK=_log2(hadamard_block),
                 SCALE=hadamard_scale(hadamard_block) if hadamard_block else 1.0,
@@ -1060,8 +1225,11 @@ def _paged_attention(
                 HAS_KMEAN=key_mean is not None, HAS_VMEAN=value_mean is not None, HAS_MASK=mask is not None,
                 HAS_SOFTCAP=bool(softcap), HAS_SINKS=sinks is not None, SINGLE_SPLIT=splits == 1,
                 STATE_ON_DEVICE=state is not None, FUSED_MERGE=fused, MERGE_CHUNK=4,
+                APPEND=fuse_append, W_T=min(TUNING["write_tokens"], page_size),
+                W_GATHER_FROM=_log2(16 // chunk_dtype.itemsize) if TUNING["write_butterfly"] == "gather" else 64,
+                W_R=ring_key.shape[2] if fuse_append and ring_key is not None else 0,
                 **(TUNING["decode" if decode else "prefill"] if sixteen_bit else FLOAT32_LAUNCH),
-            ))
+            ), site)
             break
         except triton.runtime.errors.OutOfResources:
             # p @ V reduces over the step's even (or odd) tokens: BLOCK_N / 2 >= 32 for int8 dots, >= 16 for float16
@@ -1083,7 +1251,7 @@ def write_pages(pool, block_table, start, key, value, key_mean, value_mean, hada
         return _write_pages(pool, block_table, start, key, value, key_mean, value_mean, hadamard_block, rotate_values)
 
 
-@triton.jit(do_not_specialize=["length"])
+@_jit_per_call("length")
 def _ring_write_kernel(XK, s_kb, s_kh, s_kn, XV, s_vb, s_vh, s_vn, WK, WV, s_wb, s_wh, s_wn, STATE, length, n, kept,
                        H, R: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, LENGTHS_ON_DEVICE: tl.constexpr):
     """The newest `kept` = min(n, R) chunk tokens of one (sequence, head) into their window ring slots
@@ -1115,10 +1283,10 @@ def _append(pool, block_table, state, length, num_paged, window_key, window_valu
             value_mean, hadamard_block, rotate_values) -> None:
     """The evictions and the window ring update of an append, lengths from `state` or the host integers: one
     launch for one-token chunks (decode steps), else the write and the ring kernel."""
-    if window_key is not None and (window_key.stride() != window_value.stride() or window_key.stride(-1) != 1):
-        raise ValueError("append: the key and value windows need the same strides, the last one 1")
-    key = key if key.stride(-1) == 1 else key.contiguous()
-    value = value if value.stride(-1) == 1 else value.contiguous()
+    if window_key is not None:
+        strides = window_key.stride()
+        if strides != window_value.stride() or strides[-1] != 1:
+            raise ValueError("append: the key and value windows need the same strides, the last one 1")
     b, h, n, d = key.shape
     ring = window_key.shape[2] if window_key is not None else 0
     if n == 0:
@@ -1129,6 +1297,8 @@ def _append(pool, block_table, state, length, num_paged, window_key, window_valu
         _write_pages(pool, block_table, num_paged, key, value, key_mean, value_mean, hadamard_block, rotate_values,
                      state, window_key, window_value, length if state is None else None, ring_write=fused)
     if ring and not fused:
+        key = key if key.stride(-1) == 1 else key.contiguous()
+        value = value if value.stride(-1) == 1 else value.contiguous()
         kept = min(n, ring)
         ks, vs, ws = key.stride(), value.stride(), window_key.stride()
         _launch(_ring_write_kernel, (b * h, 2), (
@@ -1164,6 +1334,7 @@ def dequantize_pages(pool, block_table, num_tokens, key_mean, value_mean, hadama
 
 
 def paged_attention(query, *args, **kwargs):
-    """Same contract as reference.paged_attention (boolean or no mask)."""
+    """Same contract as reference.paged_attention (boolean or no mask); a one-token append (`append_from`) runs
+    in the attention's launch."""
     with _on_device(query):
         return _paged_attention(query, *args, **kwargs)
