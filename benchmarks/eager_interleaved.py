@@ -1,0 +1,83 @@
+"""Warm eager decode steps of SawInt4Cache and DynamicCache, interleaved in one process (GPU).
+
+    python benchmarks/eager_interleaved.py [--model llama3-8b] [--batch 1] [--context 8192] [--steps 8] [--rounds 12]
+
+The host's speed drifts during a run (`saw-kvcache bench` saw DynamicCache's warm 1 x 8k step at 22.3 to 30.8 ms
+in four calls), and the bench times one method after the other. Here both caches hold the same prompt and take
+turns: each round runs `--steps` decode steps of one cache (one token per forward, a device sync per step, as
+generate() does), then crops that cache back by as many tokens, then the same for the other cache, so every round
+repeats the same lengths (DynamicCache's cuDNN plans are built in the first round, which is not counted). Prints
+each cache's median step over the later rounds, their ratio, the spread of the per-round medians, and the ratio
+of the two caches' medians in each round (neighbours in time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from transformers import DynamicCache
+
+from saw_kvcache import SawInt4Cache
+from saw_kvcache.bench.methods import saw_config_for
+from saw_kvcache.bench.models import build_model, model_config
+from saw_kvcache.integration.compat import cache_kwargs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="llama3-8b")
+    parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--context", type=int, default=8192)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=12)
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    model = build_model(model_config(args.model, args.layers), torch.bfloat16, device)
+    ids = torch.randint(3, model.config.vocab_size, (args.batch, args.context), device=device)
+    caches = {
+        "DynamicCache (sdpa)": (DynamicCache(), "sdpa"),
+        "SawInt4Cache (saw_int4)": (SawInt4Cache(config=saw_config_for(model, {})), "saw_int4"),
+    }
+    first = {}
+    with torch.no_grad():
+        for name, (cache, attn) in caches.items():
+            model.set_attn_implementation(attn)
+            first[name] = model(ids, use_cache=True, **cache_kwargs(cache)).logits[:, -1:].argmax(-1)
+        steps = {name: [] for name in caches}
+        round_medians = {name: [] for name in caches}
+        for round_index in range(args.rounds + 1):
+            for name, (cache, attn) in caches.items():
+                model.set_attn_implementation(attn)
+                token, times = first[name], []
+                for i in range(args.steps):
+                    torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    positions = torch.full((args.batch, 1), args.context + i, device=device)
+                    logits = model(token, position_ids=positions, use_cache=True, **cache_kwargs(cache)).logits
+                    token = logits[:, -1:].argmax(-1)
+                    torch.cuda.synchronize()
+                    times.append(time.perf_counter() - start)
+                cache.crop(args.context)
+                if round_index:  # the first round builds DynamicCache's cuDNN plans and compiles the kernels
+                    steps[name] += times
+                    round_medians[name].append(statistics.median(times) * 1e3)
+    print(f"{args.model}, batch {args.batch}, context {args.context}: {args.rounds} rounds of {args.steps} steps per "
+          f"cache, interleaved; {torch.cuda.get_device_name()}; torch {torch.__version__}\n")
+    print("| cache | median ms/step | per-round medians, min - max |\n|---|---:|---:|")
+    medians = {}
+    for name in caches:
+        medians[name] = statistics.median(steps[name]) * 1e3
+        print(f"| {name} | {medians[name]:.2f} | {min(round_medians[name]):.2f} - {max(round_medians[name]):.2f} |")
+    dynamic, saw = medians.values()
+    # Rounds next to each other in time share the host's speed: the ratio of each round's two medians.
+    per_round = [d / s for d, s in zip(*round_medians.values())]
+    print(f"\nSawInt4Cache tokens/s over DynamicCache's: {dynamic / saw:.2f}x (medians of all steps); per round "
+          f"{statistics.median(per_round):.2f}x (median), {min(per_round):.2f}x - {max(per_round):.2f}x")
+
+
+if __name__ == "__main__":
+    main()
