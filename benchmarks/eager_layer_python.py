@@ -1,6 +1,6 @@
 """Python host time of one layer's eager decode step on the Triton backend, measured on a CPU (no GPU needed).
 
-    python benchmarks/eager_layer_python.py [--calls 500] [--batch 1] [--context 8192]
+    python benchmarks/eager_layer_python.py [--calls 500] [--batch 1] [--context 8192] [--profile]
 
 SawInt4Cache.update followed by the saw_int4 attention, for one layer of the Llama-3-8B shape (8 KV heads, 32
 query heads, head dim 128, bfloat16, the default 64-token window) after `--context` tokens, as an eager decode step
@@ -15,7 +15,9 @@ machine; only runs of one machine compare.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import os
+import pstats
 import statistics
 import time
 
@@ -58,6 +60,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=500)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--context", type=int, default=8192)
+    parser.add_argument("--profile", action="store_true", help="also print cProfile's top functions of the steps")
     args = parser.parse_args()
     # The GPU-side choices of the launchers (16-bit dots, no float32 copies), through the compiled launcher.
     triton_kernels.INTERPRET = False
@@ -92,6 +95,13 @@ def main() -> None:
             for _ in range(args.calls):
                 step()
             runs.append((time.perf_counter() - start) / args.calls * 1e6)
+        if args.profile:
+            profiler = cProfile.Profile()
+            profiler.enable()
+            for _ in range(args.calls):
+                step()
+            profiler.disable()
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
     print(f"batch {b}, context {args.context}: {statistics.median(runs):.1f} us per layer and step (median of 7 "
           f"runs of {args.calls}), minimum {min(runs):.1f}")
 

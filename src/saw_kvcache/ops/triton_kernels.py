@@ -1039,15 +1039,15 @@ def _split_buffers(device: torch.device, rows: int, d: int, tickets: int, reuse:
     if not reuse or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         part_m = torch.empty(rows, dtype=torch.float32, device=device)
         return part_m, torch.empty_like(part_m), torch.empty(rows, d, dtype=torch.float32, device=device), None
-    key = (device.index, torch._C._cuda_getCurrentRawStream(device.index)) if device.type == "cuda" else None
+    # CPU tensors (the interpreter runs programs in order) reuse theirs too, so the CPU tests exercise the reuse.
+    key = (device.index, torch._C._cuda_getCurrentRawStream(device.index)) if device.type == "cuda" else device.type
     last = _SPLIT_BUFFERS.get(key)
     if last is not None and last[0] == (rows, d, tickets):
         return last[1]
     part_m = torch.empty(rows, dtype=torch.float32, device=device)
     buffers = (part_m, torch.empty_like(part_m), torch.empty(rows, d, dtype=torch.float32, device=device),
                torch.zeros(tickets, dtype=torch.int32, device=device))
-    if key is not None:
-        _SPLIT_BUFFERS[key] = ((rows, d, tickets), buffers)
+    _SPLIT_BUFFERS[key] = ((rows, d, tickets), buffers)
     return buffers
 
 
