@@ -424,6 +424,44 @@ def test_store_append_then_attend_matches_attention_over_dequantized_past_and_ra
     assert torch.allclose(out.double(), oracle, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("residual_length", [0, 5], ids=lambda r: f"window{r}")
+@pytest.mark.parametrize("then", ["attend", "attend another chunk", "dequantize", "crop", "select", "export",
+                                  "append"])
+def test_a_deferred_decode_append_is_written_before_anything_reads_the_store(residual_length, then):
+    """append(defer=True) of a decode step's token leaves the write to the next attend of that very chunk (one
+    launch on the Triton backend); any other use of the store first writes it. Either way the store ends up as
+    one that appended at once."""
+    keys, values = kv(2, 2, 60)
+    stores = [make_store(residual_length=residual_length, center_keys=True) for _ in range(2)]
+    for store in stores:
+        feed(store, keys[:, :, :57], values[:, :, :57], [50, 3, 1, 1, 1, 1])
+    token_k, token_v = keys[:, :, 57:58], values[:, :, 57:58]
+    deferred, direct = stores
+    assert deferred.append(token_k, token_v, defer=True) == direct.append(token_k, token_v) == 57
+    assert deferred.length == 58 and deferred.num_paged == direct.num_paged
+    q = torch.randn(2, 8, 1, 64).to(torch.bfloat16)
+    for store in stores:
+        same = then != "attend another chunk" or store is direct
+        chunk = (token_k, token_v) if same else (token_k.clone(), token_v.clone())
+        if then.startswith("attend"):
+            store.outputs = store.attend(q, *chunk, 57, None, 0.125)
+        elif then == "dequantize":
+            store.outputs = store.dequantize()[1]
+        elif then == "crop":
+            store.crop(55)
+        elif then == "select":
+            store.select(torch.tensor([1, 0]))
+        elif then == "export":
+            store.outputs = store.export_state()["pages"].k_codes
+        elif then == "append":
+            store.append(keys[:, :, 58:], values[:, :, 58:])
+    assert deferred._pending is None
+    if then.startswith("attend") or then in ("dequantize", "export"):
+        assert torch.equal(deferred.outputs, direct.outputs)
+    for a, b in zip(deferred.dequantize(), direct.dequantize()):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("crop_to", [37, 48, 0], ids=lambda n: f"crop{n}")
 def test_store_crop_then_append_equals_fresh_store_and_frees_pages(crop_to):
     b, h = 2, 2

@@ -428,7 +428,9 @@ def paged_attention(
     if append_from is not None:
         if state is not None:
             raise ValueError("paged_attention: append_from is for lengths on the host; with `state`, use append_from_state")
-        length = num_paged + (window_key.shape[2] if window_length is None else window_length) if window_key is not None else num_paged
+        length = num_paged
+        if window_key is not None:
+            length += window_key.shape[2] if window_length is None else window_length
         append_with_window(pool, block_table, length, append_from, window_key, window_value, chunk_key, chunk_value,
                            key_mean, value_mean, hadamard_block, rotate_values)
     if state is not None:
