@@ -338,6 +338,54 @@ def test_the_launch_cache_key_separates_what_triton_specializes_on():
     assert key((0.5,)) == key((2.0,)) and key((True,)) != key((False,)) and key((None,)) != key((0.5,))
 
 
+def test_the_launch_path_through_compiled_kernels_reuses_them_only_for_the_same_specialization(monkeypatch):
+    """`_launch` on a GPU (FAST_LAUNCH): the first launch of a specialization goes through kernel[grid] (Triton
+    compiles), later ones through the compiled kernel's launcher; a site key skips even building the constexprs.
+    Here with a stand-in kernel on any device, so CI runs the GPU path's bookkeeping."""
+    compiles, runs, built = [], [], []
+
+    class Compiled:
+        function = packed_metadata = None
+
+        def __init__(self, key):
+            self.key = key
+
+        def run(self, *args):
+            runs.append((self.key, args[9:]))
+
+    class Kernel:
+        arg_names = ["X", "n", "BLOCK"]
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                compiles.append(kwargs["BLOCK"])
+                return Compiled(len(compiles))
+            return launch
+
+    monkeypatch.setattr(triton_kernels, "FAST_LAUNCH", True)
+    monkeypatch.setattr(triton_kernels, "CHECK_SITE_KEYS", False)
+    monkeypatch.setattr(triton_kernels, "_COMPILED", {})
+    monkeypatch.setattr(triton_kernels, "_SITES", {})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 0, raising=False)
+    kernel, x = Kernel(), torch.zeros(64)
+
+    def launch(tensor, n, block=16, site=None):
+        triton_kernels._launch(kernel, (1,), (tensor, n), lambda: built.append(block) or {"BLOCK": block}, site)
+
+    launch(x, 3)  # compiles
+    launch(x, 5)  # the same specialization: the compiled kernel's launcher
+    assert compiles == [16] and runs == [(1, (x, 5, 16))]
+    launch(x[1:], 5)  # not 16-byte aligned: another specialization
+    launch(x, 16)  # divisible by 16: another one
+    launch(x, 3, block=32)  # another constexpr
+    assert compiles == [16, 16, 16, 32]
+    built.clear()
+    for n in (7, 9):  # with a site key: found from the second call on, the constexprs no longer built
+        launch(x, n, site=("site",))
+    assert built == [16] and runs[-1] == (1, (x, 9, 16))
+
+
 def test_a_launch_site_key_that_stands_for_two_specializations_is_caught(monkeypatch):
     """A launcher's own site key replaces the full key in eager decode steps; if it missed something Triton
     specializes on, a kernel compiled for other arguments would run. Tests run with CHECK_SITE_KEYS (conftest.py),
