@@ -330,12 +330,13 @@ class PagedKVStore:
     def _to_device(self, host: torch.Tensor) -> torch.Tensor:
         return self._staged(host).to(self.device, non_blocking=True)
 
-    def _reserve(self, num_tokens: int) -> None:
-        """Give every sequence pages for positions [0, num_tokens), and make the page written next private."""
-        if self.static:  # every page is assigned up front and never shared
+    def _reserve(self, paged: int, num_tokens: int) -> None:
+        """Pages hold [0, paged): give every sequence pages for positions [0, num_tokens), and make the page written
+        next private (after a beam reorder)."""
+        have, need = -(-paged // self.page_size), -(-num_tokens // self.page_size)
+        if self.static or not (need > have or self.may_share):  # static: assigned up front, never shared
             return
-        have, need = self.columns_used, math.ceil(num_tokens / self.page_size)
-        if self.may_share and self.num_paged % self.page_size:
+        if self.may_share and paged % self.page_size:
             self._unshare_column(have - 1)
         if need > have:
             ids = self._take_pages(self.batch_size * (need - have))
@@ -417,9 +418,8 @@ class PagedKVStore:
         new_length = past + n
         paged = self.num_paged
         new_paged = max(paged, new_length - self.config.residual_length)
-        # Pages are needed for a new column, or to make a shared last page private (after a beam reorder).
-        if new_paged > paged and (self.may_share or -(-new_paged // self.page_size) > -(-paged // self.page_size)):
-            self._reserve(new_paged)
+        if new_paged > paged:
+            self._reserve(paged, new_paged)
         if defer and n == 1 and past:
             self._pending = (key, value, paged, past)
         else:

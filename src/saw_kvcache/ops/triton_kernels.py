@@ -766,6 +766,7 @@ def _attention_kernel(
     HAS_SINKS: tl.constexpr, SINGLE_SPLIT: tl.constexpr, STATE_ON_DEVICE: tl.constexpr,
     FUSED_MERGE: tl.constexpr, MERGE_CHUNK: tl.constexpr,
     APPEND: tl.constexpr, W_T: tl.constexpr, W_GATHER_FROM: tl.constexpr, W_R: tl.constexpr,
+    W_LOG_BLOCK_V: tl.constexpr, W_SCALE_V: tl.constexpr,
 ):
     """FUSED_MERGE: the splits of one (sequence, KV head, query block) take a ticket from TICKETS (int32, zero)
     after storing their partial results; the last one merges them, writes the output and puts the ticket back to
@@ -797,14 +798,9 @@ def _attention_kernel(
             _write_tile(CK, sc_b, sc_h, sc_n, KMEAN, KC, KM, RK, sw_b, sw_h, sw_n, STATE, BT, s_bt, append_from,
                         total - n_new, n_new, H, HAS_KMEAN, D, P, W_T, LOG_BLOCK, SCALE, W_GATHER_FROM, True, False,
                         W_R > 0, W_R, False)
-            if ROTATE_VALUES:
-                _write_tile(CV, sc_b, sc_h, sc_n, VMEAN, VC, VM, RV, sw_b, sw_h, sw_n, STATE, BT, s_bt, append_from,
-                            total - n_new, n_new, H, HAS_VMEAN, D, P, W_T, LOG_BLOCK, SCALE, W_GATHER_FROM, True,
-                            False, W_R > 0, W_R, True)
-            else:
-                _write_tile(CV, sc_b, sc_h, sc_n, VMEAN, VC, VM, RV, sw_b, sw_h, sw_n, STATE, BT, s_bt, append_from,
-                            total - n_new, n_new, H, HAS_VMEAN, D, P, W_T, 0, 1.0, W_GATHER_FROM, True, False,
-                            W_R > 0, W_R, True)
+            _write_tile(CV, sc_b, sc_h, sc_n, VMEAN, VC, VM, RV, sw_b, sw_h, sw_n, STATE, BT, s_bt, append_from,
+                        total - n_new, n_new, H, HAS_VMEAN, D, P, W_T, W_LOG_BLOCK_V, W_SCALE_V, W_GATHER_FROM, True,
+                        False, W_R > 0, W_R, True)
             tl.debug_barrier()  # the written page rows are read below by other threads of this program
     rows = tl.arange(0, M)
     g = rows // BLOCK_Q
@@ -1228,6 +1224,8 @@ def _paged_attention(
                 APPEND=fuse_append, W_T=min(TUNING["write_tokens"], page_size),
                 W_GATHER_FROM=_log2(16 // chunk_dtype.itemsize) if TUNING["write_butterfly"] == "gather" else 64,
                 W_R=ring_key.shape[2] if fuse_append and ring_key is not None else 0,
+                W_LOG_BLOCK_V=_log2(hadamard_block) if rotate_values else 0,
+                W_SCALE_V=hadamard_scale(hadamard_block) if rotate_values and hadamard_block else 1.0,
                 **(TUNING["decode" if decode else "prefill"] if sixteen_bit else FLOAT32_LAUNCH),
             ), site)
             break
