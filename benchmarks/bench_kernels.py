@@ -202,13 +202,27 @@ def _best(label, candidates, measure):
 
 
 SWEEPS = ("decode", "programs", "write", "prefill")
+# Not in the default sweep: programs of 1 or 2 warps (no barrier between warps in the page loop), with the window
+# loop's tiles narrowed so that enough such programs fit an SM's shared memory.
+WARPS_SWEEP = [
+    {"decode_block_n": n, "programs_per_sm": p, "raw_block_n": r, "decode": {"num_warps": w, "num_stages": 2}}
+    for w, n, r, p in ((4, 256, 64, 2), (1, 64, 16, 4), (1, 64, 16, 6), (1, 64, 16, 8), (1, 64, 32, 6),
+                       (1, 128, 16, 4), (2, 64, 16, 3), (2, 64, 16, 4), (2, 128, 32, 3), (2, 128, 32, 4),
+                       (4, 256, 16, 2), (4, 128, 64, 2))
+]
 
 
 def sweep(kernels=SWEEPS):
     """Launch settings of each kernel, chosen by time on this GPU (sum over a few representative shapes)."""
     decode_shapes = ((1, 32768), (8, 8192), (32, 8192))
-    decode_total = lambda: sum(int4_decode_us(b, c) for b, c in decode_shapes)  # noqa: E731
+    def decode_total():
+        times = [int4_decode_us(b, c) for b, c in decode_shapes]
+        print("    " + " / ".join(f"{b}x{c} {t:.1f}" for (b, c), t in zip(decode_shapes, times)), flush=True)
+        return sum(times)
+
     log = {}
+    if "warps" in kernels:
+        log["warps"] = _best("decode warps", WARPS_SWEEP, decode_total)
     if "decode" in kernels:
         # Jointly: capping registers (maxnreg) lets more programs share an SM, which only pays with more programs
         # per SM. At 4 warps the kernel takes 208 registers otherwise (2 programs per SM); capped at 168 (72 bytes
@@ -252,7 +266,8 @@ def main():
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for results.json and results.md")
     parser.add_argument("--quick", action="store_true", help="two decode shapes only")
     parser.add_argument("--sweep", nargs="?", const=",".join(SWEEPS), default="", metavar="KERNELS",
-                        help="first time each kernel over its launch settings and keep the fastest for the table")
+                        help="first time each kernel over its launch settings and keep the fastest for the table "
+                        "(decode, programs, write, prefill; also 'warps': decode programs of 1, 2 or 4 warps)")
     parser.add_argument("--tuning", help="JSON object of TUNING overrides, applied before everything else")
     args = parser.parse_args()
     env = environment()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import os
 import re
 import subprocess
@@ -102,9 +103,12 @@ def main() -> None:
                         help="query tokens per sequence (more than TUNING['decode_max_queries']: a prefill chunk)")
     parser.add_argument("--append", action="store_true",
                         help="decode: the eager step's launch that also appends the token (append_from, no window)")
+    parser.add_argument("--tuning", help="JSON object of TUNING overrides (e.g. '{\"decode\": {\"num_warps\": 2}}')")
     parser.add_argument("--dump", metavar="DIR", help="also write the attention kernel's TTGIR, PTX and SASS there")
     args = parser.parse_args()
     triton_kernels.TUNING["fused_merge"] = args.merge == "in-kernel"
+    if args.tuning:
+        triton_kernels.TUNING.update(json.loads(args.tuning))
     if args.kernel == "write":
         return write_counts(args.hadamard_block, args.butterfly)
     if args.block_n:

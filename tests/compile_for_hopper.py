@@ -137,6 +137,31 @@ def calls():
             triton_kernels.TUNING["decode_block_n"] = before
 
     yield "decode with 64-token steps", smallest_step
+
+    def narrow(call):  # one-warp programs, as decode calls with many (sequence, KV head) pairs launch
+        def run():
+            before = triton_kernels.TUNING["narrow"]
+            triton_kernels.TUNING.update(narrow={**before, "from_programs": 1})
+            try:
+                call()
+            finally:
+                triton_kernels.TUNING.update(narrow=before)
+        return run
+
+    for dtype, d, r in ((torch.bfloat16, 128, 64), (torch.float16, 256, 16)):
+        yield f"one-warp decode appending its token, {dtype} d{d} window {r}", narrow(
+            lambda dtype=dtype, d=d, r=r: triton_kernels.paged_attention(
+                torch.randn(2, 8, 1, d).to(dtype), pool(17, 2, 64, d, dtype),
+                torch.arange(16, dtype=torch.int32).view(2, 8), 300 - r + 1, torch.randn(2, 2, r, d).to(dtype),
+                torch.randn(2, 2, r, d).to(dtype), torch.randn(2, 2, 1, d).to(dtype), torch.randn(2, 2, 1, d).to(dtype),
+                None, 0.1, None, None, torch.zeros(2, d), None, 64, True, window_start=(300 - r + 1) % r,
+                window_length=r - 1, append_from=300 - r))
+    yield "one-warp decode with lengths on the device, merge kernel", narrow(unfused(
+        lambda: triton_kernels.paged_attention(
+            torch.randn(2, 8, 1, 128).to(torch.bfloat16), pool(17, 2, 64, 128, torch.bfloat16),
+            torch.arange(16, dtype=torch.int32).view(2, 8), 512, ring, ring, ring[:, :, :1], ring[:, :, :1],
+            torch.ones(2, 1, 1, 512, dtype=torch.bool), 0.1, None, None, torch.zeros(2, 128), None, 64, True,
+            state=state)))
     yield "attention with lengths on the device, merge kernel (as under CUDA-graph capture)", unfused(
         lambda: triton_kernels.paged_attention(
             torch.randn(2, 8, 1, 128).to(torch.bfloat16), pool(17, 2, 64, 128, torch.bfloat16),

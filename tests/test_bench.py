@@ -101,3 +101,33 @@ def test_bench_prefills_in_chunks_of_prefill_chunk_tokens(monkeypatch):
     assert max(prefill) == 16 and sum(prefill) == 40 and decode == [1]
     with pytest.raises(ValueError, match="prefill_chunk"):
         bench.run_bench("tiny", prefill_chunk=0, progress=False)
+
+
+def test_bench_fill_prompt_decodes_after_a_filled_cache(monkeypatch):
+    """fill_prompt: no prefill forward; the cache holds the prompt's first tokens, so generate() runs the last
+    prompt token and then one token per forward, at the positions after the prompt."""
+    from saw_kvcache import bench
+
+    calls = []
+    build = bench.build_model
+
+    def build_and_watch(*args, **kwargs):
+        model = build(*args, **kwargs)
+        model.model.register_forward_pre_hook(
+            lambda module, args, kwargs: calls.append(
+                (kwargs["input_ids"].shape[1], kwargs["past_key_values" if "past_key_values" in kwargs else "cache"]
+                 .get_seq_length())), with_kwargs=True)
+        return model
+
+    monkeypatch.setattr(bench, "build_model", build_and_watch)
+    result = bench.run_bench(
+        "tiny", cases=[(2, 40)], methods=["saw-eager", "dynamic"], new_tokens=3, layers=1, warm=False,
+        saw_fields=dict(residual_length=4, page_size=16, backend="torch"), capacity_context=None,
+        fill_prompt=True, progress=False,
+    )
+    assert [r["status"] for r in result["rows"]] == ["ok", "ok"]
+    assert all(r["prefill_s"] is None and "random tokens" in r["note"] for r in result["rows"])
+    assert result["meta"]["fill_prompt"] is True
+    assert calls == [(1, 39), (1, 40), (1, 41)] * 2
+    with pytest.raises(ValueError, match="fill_prompt"):
+        bench.run_bench("tiny", fill_prompt=True, prefill_chunk=16, progress=False)

@@ -287,8 +287,9 @@ def test_attention_kernel_error_is_within_twice_plain_pytorch_error(dtype, head_
 
 
 @pytest.mark.parametrize("fused_merge", [True, False], ids=["merge_in_kernel", "merge_kernel"])
-@pytest.mark.parametrize("queries", [1, 3])
-def test_split_attention_merges_like_one_split(fused_merge, queries, monkeypatch):
+@pytest.mark.parametrize("queries,one_warp", [(1, False), (3, False), (1, True)],
+                         ids=["1-four_warps", "3-four_warps", "1-one_warp"])
+def test_split_attention_merges_like_one_split(fused_merge, queries, one_warp, monkeypatch):
     """The sequence split over programs (flash-decoding), merged by the last split's program (tickets) or by the
     merge kernel (as under CUDA-graph capture): the same output as one program per sequence, sinks and left
     padding included, and the tickets back at zero for the next call."""
@@ -307,8 +308,14 @@ def test_split_attention_merges_like_one_split(fused_merge, queries, monkeypatch
     args = (random_states(batch, heads * gqa, queries, head_dim, dtype, outliers=False), pool, table, paged, *raw,
             mask, head_dim**-0.5, None, torch.randn(heads * gqa, device=DEVICE), None, None, 64, True)
     monkeypatch.setattr(triton_kernels, "_programs_wanted", lambda device: 1)
+    if one_warp:  # the same steps as the one-warp programs' (the step size moves the int8 pieces' rounding)
+        monkeypatch.setitem(triton_kernels.TUNING, "decode_block_n", triton_kernels.TUNING["narrow"]["block_n"])
     one_split = triton_kernels.paged_attention(*args)
     monkeypatch.setattr(triton_kernels, "_programs_wanted", lambda device: 5 * batch * heads)  # 5 splits
+    if one_warp:  # the settings of decode calls with many (sequence, KV head) pairs: 1 warp, 64-token steps
+        monkeypatch.setitem(triton_kernels.TUNING, "narrow", {**triton_kernels.TUNING["narrow"], "from_programs": 1})
+        plan = triton_kernels._attention_plan(batch, heads, gqa, queries, paged, 2, DEVICE, 1 << 30)
+        assert plan[3] == 64 and plan[-1], plan
     merges = []
     merge_kernel = triton_kernels._merge_splits_kernel
     # No arg_names: the launcher cannot cache the compiled kernel past the spy, so it sees every launch.

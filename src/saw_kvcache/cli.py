@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--prefill-chunk", type=int, default=None, metavar="TOKENS",
                     help="generate(prefill_chunk_size=TOKENS): prefill in forwards of TOKENS tokens per sequence "
                     "(for cases whose one-forward prefill runs out of memory)")
+    be.add_argument("--fill-prompt", action="store_true",
+                    help="no prefill: fill each cache with the prompt's tokens as random keys and values, then "
+                    "decode (for cases no prefill reaches; decode times only)")
     be.add_argument("--out", default="saw_bench", help="output folder (default ./saw_bench)")
     be.add_argument("--name", default="bench", help="file name stem of the outputs (default bench)")
     be.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -142,7 +145,8 @@ def _bench(args, argv) -> int:
             dtype=args.dtype, device=args.device, layers=args.layers, saw_fields=args.saw_config,
             warm=not args.no_warm, capacity_context=args.capacity_context or None, capacity_mode=args.capacity,
             capacity_memory_gb=args.capacity_memory_gb, compile_mode=args.compile_mode,
-            compile_backend=args.compile_backend, prefill_chunk=args.prefill_chunk, out_dir=args.out, name=args.name,
+            compile_backend=args.compile_backend, prefill_chunk=args.prefill_chunk,
+            fill_prompt=args.fill_prompt, out_dir=args.out, name=args.name,
             progress=not args.no_progress,
             command="saw-kvcache " + " ".join(shlex.quote(a) for a in argv),
         )

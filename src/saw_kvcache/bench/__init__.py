@@ -77,6 +77,7 @@ def run_bench(
     compile_mode: str = "reduce-overhead",
     compile_backend: str = "inductor",
     prefill_chunk: Optional[int] = None,
+    fill_prompt: bool = False,
     out_dir: Optional[str] = None,
     name: str = "bench",
     progress: bool = True,
@@ -90,10 +91,14 @@ def run_bench(
     measured KV bytes per token, "auto" is search on CUDA and estimate elsewhere; capacity_context=None skips it.
     prefill_chunk: generate()'s prefill_chunk_size (the prompt in forwards of that many tokens per sequence, for
     cases whose one-forward prefill does not fit in memory); None: the whole prompt in one forward.
+    fill_prompt: fill each cache with the prompt's tokens as random keys and values instead of a prefill (no
+    prefill time; decode steps as usual), for cases that no prefill reaches (see run_case).
     Returns {"meta", "cases", "rows", "ratios", "capacity", "skipped", "outputs"}.
     """
     if prefill_chunk is not None and prefill_chunk < 1:
         raise ValueError(f"prefill_chunk must be a positive number of tokens, got {prefill_chunk}")
+    if fill_prompt and prefill_chunk is not None:
+        raise ValueError("fill_prompt replaces the prefill, so prefill_chunk has nothing to do; pass one of them")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     unknown = [m for m in methods if m not in all_methods({})]
@@ -129,7 +134,7 @@ def run_bench(
                                new_tokens=new_tokens, status="skipped", note=f"after: {failed}")
                 else:
                     row = run_case(net, method, batch, context, new_tokens, dev, compile_mode, compile_backend,
-                                   prefill_chunk)
+                                   prefill_chunk, fill_prompt)
                     if row["status"] == "unsupported":
                         failed = row["note"]
                 rows.append(dict(row, **{"pass": which}))
@@ -145,7 +150,7 @@ def run_bench(
             torch=torch.__version__, transformers=transformers.__version__, saw_kvcache=_version(), commit=_commit(),
             new_tokens=new_tokens, saw_config=saw_config_for(net, saw_fields).to_dict(),
             compile=dict(mode=compile_mode, backend=compile_backend), prefill_chunk=prefill_chunk,
-            command=command or "run_bench(...)",
+            fill_prompt=fill_prompt, command=command or "run_bench(...)",
         ),
         cases=cases, rows=rows, ratios=_ratios(rows, runnable, cases), capacity=capacity, skipped=skipped,
     )

@@ -56,9 +56,12 @@ def _short(error: BaseException) -> str:
 
 def run_case(model, method: Method, batch: int, context: int, new_tokens: int, device: torch.device,
              compile_mode: str = "reduce-overhead", compile_backend: str = "inductor",
-             prefill_chunk: Optional[int] = None) -> dict:
+             prefill_chunk: Optional[int] = None, fill_prompt: bool = False) -> dict:
     """generate() `new_tokens` tokens after a random prompt of `context` tokens, for `batch` sequences (with
-    `prefill_chunk`, generate() prefills that many tokens per forward).
+    `prefill_chunk`, generate() prefills that many tokens per forward; with `fill_prompt`, the cache is first
+    filled with `context - 1` tokens of random keys and values, as the capacity search does, and generate() runs
+    the prompt's last token and the decode steps: for cases whose prefill does not fit or cannot run; no prefill
+    time then).
 
     Returns prefill seconds (generate() call to the first token's logits), decode milliseconds per step (median
     of the later steps), decode tokens/s (batch / that median), the first decode step (compilation shows up
@@ -75,6 +78,9 @@ def run_case(model, method: Method, batch: int, context: int, new_tokens: int, d
         torch.cuda.reset_peak_memory_stats(device)
     try:
         cache = method.make_cache(model, batch, context + new_tokens)
+        if fill_prompt:
+            with torch.no_grad():
+                _fill(cache, model, batch, context - 1, device)
         synchronize(device)
         start = time.perf_counter()
         with torch.no_grad():
@@ -103,7 +109,7 @@ def run_case(model, method: Method, batch: int, context: int, new_tokens: int, d
     breaks1, graphs1 = _dynamo_counts()
     row.update(
         status="ok",
-        prefill_s=timer.times[0] - start,
+        prefill_s=None if fill_prompt else timer.times[0] - start,
         decode_ms_per_step=decode * 1e3,
         decode_tokens_per_s=batch / decode if decode == decode and decode > 0 else None,
         first_decode_step_ms=steps[0] * 1e3 if steps else None,
@@ -113,8 +119,11 @@ def run_case(model, method: Method, batch: int, context: int, new_tokens: int, d
         kv_bytes_in_use=in_use,
         kv_bytes_per_token=(in_use if in_use is not None else allocated) / stored,
     )
+    notes = [f"cache filled with {context - 1} random tokens (no prefill)"] if fill_prompt else []
     if method.compiled:
-        row["note"] = f"dynamo: {graphs1 - graphs0} graphs, {breaks1 - breaks0} graph breaks"
+        notes.append(f"dynamo: {graphs1 - graphs0} graphs, {breaks1 - breaks0} graph breaks")
+    if notes:
+        row["note"] = "; ".join(notes)
     del cache
     release(device)
     return row

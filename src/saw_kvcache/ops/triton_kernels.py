@@ -66,6 +66,12 @@ TUNING = _Tuning({
     "decode_residual_dots": True,  # float32-accurate products with the full-precision window in decode
     "int8_pieces": 2,  # int8 parts of the query and of p in the decode dots (16-bit models; float32 models use 4)
     "nibble_asm": True,  # split the codes by inline PTX (the CPU interpreter cannot run it: plain ops there)
+    "raw_block_n": 64,  # tokens per step of the loop over the full-precision window and chunk
+    # Decode calls with at least `from_programs` (sequence, KV head) programs before splitting: programs of one
+    # warp (no barrier between warps in the page loop; 32 x 8k on an H200: 130.0 against 148.5 us) and more of them
+    # per SM, with the window loop's tiles narrowed to fit 8 per SM. Fewer, longer sequences keep 4 warps (1 x 32k:
+    # 31.1 against 38.6 us). docs/kernel_notes.md, `bench_kernels.py --sweep warps`.
+    "narrow": {"from_programs": 128, "num_warps": 1, "block_n": 64, "programs_per_sm": 8, "raw_block_n": 16},
     "prefill_block_n": 128,  # the sweep's best on an H200 (docs/kernel_notes.md)
     "prefill_rows": 64,  # query rows (heads x positions) per program when queries are many
     "programs_per_sm": 2,  # the sequence is split until about this many programs per SM are running
@@ -1055,30 +1061,44 @@ _BLOCK_N_FITS: dict = {}
 @functools.lru_cache(maxsize=1024)
 def _attention_shape(b: int, h: int, g: int, nq: int, pieces: int, programs_wanted: int, block_n_cap: int,
                      tuning_version: int):
-    """The part of _attention_plan that does not depend on the sequence length."""
+    """The part of _attention_plan that does not depend on the sequence length; is_narrow: launch with
+    TUNING["narrow"]'s settings."""
     block_q = max(1, min(_next_pow2(nq), max(1, TUNING["prefill_rows"] // _next_pow2(g))))
     m = max(8, _next_pow2(g) * block_q)  # 8 rows: stacked in pieces, dots see at least 16
     q_blocks = _cdiv(nq, block_q)
-    block_n = TUNING["decode_block_n" if nq <= TUNING["decode_max_queries"] else "prefill_block_n"]
+    decode = nq <= TUNING["decode_max_queries"]
+    narrow = TUNING["narrow"]
+    is_narrow = decode and pieces > 0 and m * pieces <= 16 and b * h * q_blocks >= narrow["from_programs"]
+    if is_narrow:
+        block_n = narrow["block_n"]
+        programs_wanted = programs_wanted * narrow["programs_per_sm"] // TUNING["programs_per_sm"]
+    else:
+        block_n = TUNING["decode_block_n" if decode else "prefill_block_n"]
     if m * max(pieces, 1) > 16:  # more than 16 stacked rows: 256-token steps overran shared memory on an H200
         block_n = min(block_n, 128)
     block_n = min(block_n, block_n_cap)
     # Rounded down: rounding up launched a partial second wave (8 x 8k on an H200: 320 programs for 264 slots).
     most_splits = max(1, programs_wanted // (b * h * q_blocks))
-    return block_q, m, q_blocks, block_n, most_splits
+    return block_q, m, q_blocks, block_n, most_splits, is_narrow
 
 
 def _attention_plan(b: int, h: int, g: int, nq: int, num_paged: int, pieces: int, device: torch.device,
                     block_n_cap: int):
-    """(BLOCK_Q, M, number of query blocks, BLOCK_N, splits, tiles per split) for one call."""
-    block_q, m, q_blocks, block_n, most_splits = _attention_shape(
+    """(BLOCK_Q, M, number of query blocks, BLOCK_N, splits, tiles per split, narrow) for one call."""
+    block_q, m, q_blocks, block_n, most_splits, narrow = _attention_shape(
         b, h, g, nq, pieces, _programs_wanted(device), block_n_cap, TUNING.version)
     n_tiles = _cdiv(num_paged, block_n)
     if n_tiles == 0:
-        return block_q, m, q_blocks, block_n, 1, 1
+        return block_q, m, q_blocks, block_n, 1, 1, narrow
     splits = min(n_tiles, most_splits)
     tiles_per_split = _cdiv(n_tiles, splits)
-    return block_q, m, q_blocks, block_n, _cdiv(n_tiles, tiles_per_split), tiles_per_split
+    return block_q, m, q_blocks, block_n, _cdiv(n_tiles, tiles_per_split), tiles_per_split, narrow
+
+
+def _launch_settings(narrow: bool, decode: bool) -> dict:
+    if narrow:
+        return {"num_warps": TUNING["narrow"]["num_warps"], "num_stages": TUNING["decode"]["num_stages"]}
+    return TUNING["decode" if decode else "prefill"]
 
 
 def _same_strides(key: Optional[torch.Tensor], value: Optional[torch.Tensor]):
@@ -1169,7 +1189,7 @@ def _paged_attention(
     rk, rv = (ring_key, ring_value) if fuse_append and ring_key is not None else (wk, wv)
     fit_key = (query.device, d, g, nq, pieces, query.dtype)
     while True:
-        block_q, m, q_blocks, block_n, splits, tiles_per_split = _attention_plan(
+        block_q, m, q_blocks, block_n, splits, tiles_per_split, narrow = _attention_plan(
             b, h, g, nq, num_paged, pieces, query.device, _BLOCK_N_FITS.get(fit_key, 1 << 30))
         fused = False
         if splits > 1:
@@ -1193,7 +1213,7 @@ def _paged_attention(
                 site = (TUNING.version, tuple([t.dtype for t in tensors]), qs, ws, cs, os_, bt_stride, ring,
                         nq, h, g, d, page_size, block_n, splits, q_blocks, hadamard_block, rotate_values,
                         key_mean is None, value_mean is None, mask is None, sinks is None, bool(softcap),
-                        state is None, fused, fuse_append, chunk_dtype, ring_key is None)
+                        state is None, fused, fuse_append, chunk_dtype, ring_key is None, narrow)
             elif num_paged and not _aligned(*pool):
                 name = next(name for name, t in zip(PagedKV._fields, pool) if t.data_ptr() % 16)
                 raise ValueError(f"the Triton attention needs 16-byte aligned pools; pool.{name} is not (allocate it "
@@ -1209,7 +1229,8 @@ def _paged_attention(
                 num_paged, n_raw if state is None else n_chunk, nq, total, tiles_per_split, h, splits, q_blocks,
                 append_from or 0, scaling, softcap or 0.0,
             ), lambda: dict(
-                G=g, BLOCK_Q=block_q, M=m, D=d, P=page_size, BLOCK_N=block_n, RAW_BLOCK_N=64,
+                G=g, BLOCK_Q=block_q, M=m, D=d, P=page_size, BLOCK_N=block_n,
+                RAW_BLOCK_N=TUNING["narrow"]["raw_block_n"] if narrow else TUNING["raw_block_n"],
                 BLOCK=hadamard_block, LOG_BLOCK=_log2(hadamard_block),
                 SCALE=hadamard_scale(hadamard_block) if hadamard_block else 1.0,
                 ROTATE_VALUES=bool(rotate_values and hadamard_block),
@@ -1226,7 +1247,7 @@ def _paged_attention(
                 W_R=ring_key.shape[2] if fuse_append and ring_key is not None else 0,
                 W_LOG_BLOCK_V=_log2(hadamard_block) if rotate_values else 0,
                 W_SCALE_V=hadamard_scale(hadamard_block) if rotate_values and hadamard_block else 1.0,
-                **(TUNING["decode" if decode else "prefill"] if sixteen_bit else FLOAT32_LAUNCH),
+                **(_launch_settings(narrow, decode) if sixteen_bit else FLOAT32_LAUNCH),
             ), site)
             break
         except triton.runtime.errors.OutOfResources:
