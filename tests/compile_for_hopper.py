@@ -148,14 +148,13 @@ def calls():
                 triton_kernels.TUNING.update(narrow=before)
         return run
 
-    for dtype, d, r in ((torch.bfloat16, 128, 64), (torch.float16, 256, 16)):
-        yield f"one-warp decode appending its token, {dtype} d{d} window {r}", narrow(
+    for dtype, d, r in ((torch.bfloat16, 128, 64), (torch.float16, 256, 16)):  # eager steps that append do not
+        yield f"one-warp decode, {dtype} d{d} window {r}", narrow(
             lambda dtype=dtype, d=d, r=r: triton_kernels.paged_attention(
                 torch.randn(2, 8, 1, d).to(dtype), pool(17, 2, 64, d, dtype),
-                torch.arange(16, dtype=torch.int32).view(2, 8), 300 - r + 1, torch.randn(2, 2, r, d).to(dtype),
+                torch.arange(16, dtype=torch.int32).view(2, 8), 300 - r, torch.randn(2, 2, r, d).to(dtype),
                 torch.randn(2, 2, r, d).to(dtype), torch.randn(2, 2, 1, d).to(dtype), torch.randn(2, 2, 1, d).to(dtype),
-                None, 0.1, None, None, torch.zeros(2, d), None, 64, True, window_start=(300 - r + 1) % r,
-                window_length=r - 1, append_from=300 - r))
+                None, 0.1, None, None, torch.zeros(2, d), None, 64, True, window_start=(300 - r) % r))
     yield "one-warp decode with lengths on the device, merge kernel", narrow(unfused(
         lambda: triton_kernels.paged_attention(
             torch.randn(2, 8, 1, 128).to(torch.bfloat16), pool(17, 2, 64, 128, torch.bfloat16),

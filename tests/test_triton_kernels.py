@@ -316,6 +316,8 @@ def test_split_attention_merges_like_one_split(fused_merge, queries, one_warp, m
         monkeypatch.setitem(triton_kernels.TUNING, "narrow", {**triton_kernels.TUNING["narrow"], "from_programs": 1})
         plan = triton_kernels._attention_plan(batch, heads, gqa, queries, paged, 2, DEVICE, 1 << 30)
         assert plan[3] == 64 and plan[-1], plan
+        # an eager step that appends its token keeps 4-warp programs (one warp writes the token slowly)
+        assert not triton_kernels._attention_plan(batch, heads, gqa, queries, paged, 2, DEVICE, 1 << 30, True)[-1]
     merges = []
     merge_kernel = triton_kernels._merge_splits_kernel
     # No arg_names: the launcher cannot cache the compiled kernel past the spy, so it sees every launch.

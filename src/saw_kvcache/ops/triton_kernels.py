@@ -1060,7 +1060,7 @@ _BLOCK_N_FITS: dict = {}
 
 @functools.lru_cache(maxsize=1024)
 def _attention_shape(b: int, h: int, g: int, nq: int, pieces: int, programs_wanted: int, block_n_cap: int,
-                     tuning_version: int):
+                     appends: bool, tuning_version: int):
     """The part of _attention_plan that does not depend on the sequence length; is_narrow: launch with
     TUNING["narrow"]'s settings."""
     block_q = max(1, min(_next_pow2(nq), max(1, TUNING["prefill_rows"] // _next_pow2(g))))
@@ -1068,7 +1068,10 @@ def _attention_shape(b: int, h: int, g: int, nq: int, pieces: int, programs_want
     q_blocks = _cdiv(nq, block_q)
     decode = nq <= TUNING["decode_max_queries"]
     narrow = TUNING["narrow"]
-    is_narrow = decode and pieces > 0 and m * pieces <= 16 and b * h * q_blocks >= narrow["from_programs"]
+    # Not for eager steps that append their token: one warp writes it slowly (16 x 8k on an H200: 162.8 us per
+    # call against 86.7 for the append and the attention launched apart; benchmarks/eager_attention_launches.py).
+    is_narrow = (decode and not appends and pieces > 0 and m * pieces <= 16
+                 and b * h * q_blocks >= narrow["from_programs"])
     if is_narrow:
         block_n = narrow["block_n"]
         programs_wanted = programs_wanted * narrow["programs_per_sm"] // TUNING["programs_per_sm"]
@@ -1083,10 +1086,10 @@ def _attention_shape(b: int, h: int, g: int, nq: int, pieces: int, programs_want
 
 
 def _attention_plan(b: int, h: int, g: int, nq: int, num_paged: int, pieces: int, device: torch.device,
-                    block_n_cap: int):
+                    block_n_cap: int, appends: bool = False):
     """(BLOCK_Q, M, number of query blocks, BLOCK_N, splits, tiles per split, narrow) for one call."""
     block_q, m, q_blocks, block_n, most_splits, narrow = _attention_shape(
-        b, h, g, nq, pieces, _programs_wanted(device), block_n_cap, TUNING.version)
+        b, h, g, nq, pieces, _programs_wanted(device), block_n_cap, appends, TUNING.version)
     n_tiles = _cdiv(num_paged, block_n)
     if n_tiles == 0:
         return block_q, m, q_blocks, block_n, 1, 1, narrow
@@ -1190,7 +1193,7 @@ def _paged_attention(
     fit_key = (query.device, d, g, nq, pieces, query.dtype)
     while True:
         block_q, m, q_blocks, block_n, splits, tiles_per_split, narrow = _attention_plan(
-            b, h, g, nq, num_paged, pieces, query.device, _BLOCK_N_FITS.get(fit_key, 1 << 30))
+            b, h, g, nq, num_paged, pieces, query.device, _BLOCK_N_FITS.get(fit_key, 1 << 30), fuse_append)
         fused = False
         if splits > 1:
             part_m, part_l, part_acc, tickets = _split_buffers(query.device, b * h * q_blocks * splits * m, d,
