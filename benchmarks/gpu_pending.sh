@@ -13,9 +13,10 @@ step() {  # step NAME SECONDS COMMAND...: run, keep the log, print the tail
     echo "== $name: exit $?"
     grep -E "passed|failed|FAILED|^\|" "$OUT/$name.log" | tail -20
 }
-# At 6db6ba1 the kernel, static and SmolLM2 GPU tests passed and eager decoding matched DynamicCache when
-# interleaved (benchmarks/eager_interleaved.py); what is left: the decode kernel has not been profiled since its
-# layout changes, and a profile of whole eager steps shows where the rest of their host time goes.
+# At 0130675 decode calls with many (sequence, KV head) pairs launch one-warp programs; the commit after keeps
+# eager steps that append their token on 4-warp programs, not timed since. What is left: that eager call's GPU time
+# and the eager step at 16 x 8k with it, and the decode kernel has not been profiled since its layout changes.
+step eager_launches 150 python benchmarks/eager_attention_launches.py --shapes 16x8192,1x8192
+step interleaved_16 200 python benchmarks/eager_interleaved.py --batch 16 --rounds 40
 step ncu_decode 200 ncu --clock-control none --section Occupancy --section WarpStateStats --section SchedulerStats \
     -k regex:_attention_kernel -s 2 -c 1 python benchmarks/ncu_target.py decode --batch 8 --context 8192
-step eager_profile 300 python benchmarks/eager_step_profile.py --batch 1 --context 8192 --steps 20 --out "$OUT/profile"
