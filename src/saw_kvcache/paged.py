@@ -420,21 +420,17 @@ class PagedKVStore:
         new_paged = max(paged, new_length - self.config.residual_length)
         if new_paged > paged:
             self._reserve(paged, new_paged)
-        if defer and n == 1 and past:
-            self._pending = (key, value, paged, past)
-        else:
-            # Tokens leaving the window (or, without one, all of them) go to the pages, the newest into the
-            # window's ring: one kernel launch for a decode step on the Triton backend.
-            self.backend.append_with_window(
-                self.pool, self.block_table, past, paged, self.window_key, self.window_value, key, value,
-                self.key_mean, self.value_mean, self.config.hadamard_block, self.config.rotate_values,
-            )
+        self._pending = (key, value, paged, past)
+        if not (defer and n == 1 and past):
+            self._write_pending()
         self.num_paged = new_paged
         self.length = new_length
         return past
 
     def _write_pending(self) -> None:
-        """The deferred append (see `append`), if any, as its own launch."""
+        """The deferred append (see `append`), if any, as its own launch: tokens leaving the window (or, without
+        one, all of them) go to the pages, the newest into the window's ring (one launch for a decode step on the
+        Triton backend)."""
         if self._pending is None:
             return
         (key, value, paged, length), self._pending = self._pending, None
