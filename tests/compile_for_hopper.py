@@ -100,7 +100,7 @@ def calls():
         torch.randn(2, 8, 1, 128).to(torch.bfloat16), pool(9, 2, 64, 128, torch.bfloat16),
         torch.arange(8, dtype=torch.int32).view(2, 4), 256, ring, ring, ring[:, :, :1], ring[:, :, :1], None, 0.1,
         None, None, None, None, 64, True, window_start=5, window_length=40)
-    state = torch.tensor([300, 250], dtype=torch.int32)
+    state = torch.tensor([300, 250, 0], dtype=torch.int32)
     yield "attention with lengths on the device", lambda: triton_kernels.paged_attention(
         torch.randn(2, 8, 1, 128).to(torch.bfloat16), pool(17, 2, 64, 128, torch.bfloat16),
         torch.arange(16, dtype=torch.int32).view(2, 8), 512, ring, ring, ring[:, :, :1], ring[:, :, :1],
@@ -170,6 +170,15 @@ def calls():
     yield "append with lengths on the device", lambda: triton_kernels.append_from_state(
         pool(17, 2, 64, 128, torch.bfloat16), torch.arange(16, dtype=torch.int32).view(2, 8), state, ring, ring,
         ring[:, :, :1], ring[:, :, :1], torch.zeros(2, 128), None, 64, True)
+    # the write, the ring kernel and the kernel that advances the lengths; and the write alone (no window)
+    yield "append of 40 tokens with lengths on the device", lambda: triton_kernels.append_from_state(
+        pool(17, 2, 64, 128, torch.bfloat16), torch.arange(16, dtype=torch.int32).view(2, 8),
+        torch.tensor([200, 150, 0], dtype=torch.int32), ring, ring, ring[:, :, :40], ring[:, :, :40],
+        torch.zeros(2, 128), None, 64, True)
+    yield "append without a window with lengths on the device", lambda: triton_kernels.append_from_state(
+        pool(17, 2, 64, 128, torch.bfloat16), torch.arange(16, dtype=torch.int32).view(2, 8),
+        torch.tensor([200, 200, 0], dtype=torch.int32), None, None, ring[:, :, :1], ring[:, :, :1],
+        torch.zeros(2, 128), None, 64, True)
     for n in (1, 40):  # the decode step's single launch, and a chunk longer than one write tile
         yield f"append of {n} tokens with host lengths", lambda n=n: triton_kernels.append_with_window(
             pool(17, 2, 64, 128, torch.bfloat16), torch.arange(16, dtype=torch.int32).view(2, 8), 300, 250, ring,

@@ -60,8 +60,9 @@ class PagedKVStore:
         self._static_table_host: Optional[torch.Tensor] = None
         self._static_table: Optional[torch.Tensor] = None
         self._static_window: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-        # Static mode: [length, num_paged] on the device, mirrored by the host numbers below; a decode step under
-        # torch.compile advances only the device copy and marks the host copy stale (read back when next needed).
+        # Static mode: [length, num_paged, 0] on the device (the last: scratch of the Triton write kernel), mirrored
+        # by the host numbers below; a decode step under torch.compile advances only the device copy and marks the
+        # host copy stale (read back when next needed).
         self._state: Optional[torch.Tensor] = None
         self._host_stale = False
         self._length = self._num_paged = 0
@@ -87,7 +88,7 @@ class PagedKVStore:
             self.free_pages = list(range(self.pool.k_codes.shape[0] - 1, -1, -1))
 
     def _pull_state(self) -> None:
-        self._length, self._num_paged = (int(x) for x in self._state.tolist())
+        self._length, self._num_paged = self._state[:2].tolist()
         self._host_stale = False
 
     def _mirrored(index: int, attribute: str, doc: str):  # noqa: N805  (builds the two properties below)
@@ -247,7 +248,7 @@ class PagedKVStore:
         if r:
             window = torch.zeros(mb, h, r, d, dtype=key.dtype, **kw)
             self._static_window = (window, torch.zeros_like(window))
-        self._state = torch.tensor([self._length, self._num_paged], dtype=torch.int32, device=key.device)
+        self._state = torch.tensor([self._length, self._num_paged, 0], dtype=torch.int32, device=key.device)
         # Fixed addresses: CUDA graphs (torch.compile "reduce-overhead") read and update these in place instead of
         # copying them into graph-owned buffers at every replay.
         for tensor in (*self.pool, self._static_table, *(self._static_window or ()), self._state):

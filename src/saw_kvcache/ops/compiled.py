@@ -2,7 +2,7 @@
 
 torch.compile sees each op as one opaque node (it does not trace the launchers' host code, so nothing breaks the
 graph), and a CUDA graph replays the kernels inside at any length: the lengths are read on the device from
-`state` (int32 [length, num_paged]), never passed as Python numbers. The ops run the chosen backend's
+`state` (int32 [length, num_paged, 0]), never passed as Python numbers. The ops run the chosen backend's
 `append_from_state` and `paged_attention(..., state=...)`; `backend` is "torch" or "triton".
 """
 

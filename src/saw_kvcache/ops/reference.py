@@ -224,14 +224,15 @@ def write_pages(
 # -------------------------------------------------------------------------------------------------------------
 # Lengths on the device (static caches under torch.compile / CUDA graphs)
 # -------------------------------------------------------------------------------------------------------------
-# A static cache keeps `state` = int32 [length, num_paged] on its device, so that a decode step needs no Python
+# A static cache keeps `state` = int32 [length, num_paged, 0] on its device, so that a decode step needs no Python
 # number that changes from step to step: the Triton kernels read it, and this reference reads it with .tolist().
+# The last element is scratch for the Triton write kernel (zero between calls; attention_lengths ignores it).
 
 
 def attention_lengths(state: torch.Tensor, chunk_tokens: int, ring: int) -> tuple[int, int, int]:
     """(num_paged, window_start, window_length) of an attention whose chunk of `chunk_tokens` tokens was already
     appended (state counts it): pages hold [0, min(num_paged, past)), the window the rest of the past."""
-    length, paged = (int(x) for x in state.tolist())
+    length, paged = state[:2].tolist()
     past = length - chunk_tokens
     num_paged = min(paged, past)
     return num_paged, num_paged % ring if ring else 0, past - num_paged
@@ -279,9 +280,9 @@ def append_with_window(pool, block_table, length: int, num_paged: int, window_ke
 
 def append_from_state(pool, block_table, state, window_key, window_value, key, value, key_mean, value_mean,
                       hadamard_block, rotate_values) -> None:
-    """append_with_window with the lengths read from `state` = [length, num_paged] on the device, which then
-    advances to [length + n, max(num_paged, length + n - R)]."""
-    length, paged = (int(x) for x in state.tolist())
+    """append_with_window with the lengths read from `state` = [length, num_paged, 0] on the device, which then
+    advances to [length + n, max(num_paged, length + n - R), 0]."""
+    length, paged = state[:2].tolist()
     append_with_window(pool, block_table, length, paged, window_key, window_value, key, value, key_mean, value_mean,
                        hadamard_block, rotate_values)
     ring = window_key.shape[2] if window_key is not None else 0

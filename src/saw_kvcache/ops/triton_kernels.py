@@ -284,7 +284,7 @@ def _write_kernel(
     HAS_KMEAN: tl.constexpr, HAS_VMEAN: tl.constexpr, D: tl.constexpr, P: tl.constexpr, T: tl.constexpr,
     LOG_BLOCK_K: tl.constexpr, SCALE_K: tl.constexpr, LOG_BLOCK_V: tl.constexpr, SCALE_V: tl.constexpr,
     GATHER_FROM: tl.constexpr, EVICT: tl.constexpr, LENGTHS_ON_DEVICE: tl.constexpr, RING_WRITE: tl.constexpr,
-    R: tl.constexpr,
+    R: tl.constexpr, ADVANCE: tl.constexpr,
 ):
     """Keys (program_id(2) == 0) and values (== 1) in one launch: one launch fewer per layer and step.
 
@@ -293,7 +293,10 @@ def _write_kernel(
     LENGTHS_ON_DEVICE both read from STATE = [length, num_paged]), the tokens leaving the window go to the pages:
     positions [start, max(start, length + n - R)), from the window ring W (positions < length), then from X.
     RING_WRITE (one-token chunks, so one tile): the same program then puts X's newest token into its ring slot,
-    after its own reads of the slot it replaces."""
+    after its own reads of the slot it replaces.
+    ADVANCE (with LENGTHS_ON_DEVICE, when no other kernel of the append reads STATE): the last program to finish
+    moves STATE on to [length + n, max(num_paged, length + n - R)], as _advance_state_kernel would, with one launch
+    fewer per layer and step. Programs count themselves in STATE[2] (zero between launches, and put back to zero)."""
     if tl.program_id(2) == 0:
         _write_tile(XK, s_kb, s_kh, s_kn, KMEAN, KC, KM, WK, s_wb, s_wh, s_wn, STATE, BT, stride_btb, start, length,
                     n, H, HAS_KMEAN, D, P, T, LOG_BLOCK_K, SCALE_K, GATHER_FROM, EVICT, LENGTHS_ON_DEVICE, RING_WRITE,
@@ -302,6 +305,14 @@ def _write_kernel(
         _write_tile(XV, s_vb, s_vh, s_vn, VMEAN, VC, VM, WV, s_wb, s_wh, s_wn, STATE, BT, stride_btb, start, length,
                     n, H, HAS_VMEAN, D, P, T, LOG_BLOCK_V, SCALE_V, GATHER_FROM, EVICT, LENGTHS_ON_DEVICE, RING_WRITE,
                     R, True)
+    if ADVANCE:
+        tl.debug_barrier()  # every thread's reads of STATE come before this program's ticket
+        programs = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
+        if tl.atomic_add(STATE + 2, 1, sem="acq_rel") == programs - 1:  # every other program has read STATE
+            length = tl.load(STATE, volatile=True) + n
+            tl.store(STATE + 1, tl.maximum(tl.load(STATE + 1, volatile=True), length - R))
+            tl.store(STATE, length)
+            tl.store(STATE + 2, 0)
 
 
 @triton.jit
@@ -427,10 +438,12 @@ def _write_pages(
     window_value: Optional[torch.Tensor] = None,
     length: Optional[int] = None,
     ring_write: bool = False,
+    advance: bool = False,
 ) -> None:
-    """Same contract as reference.write_pages. With `length` (or `state` = [length, num_paged] on the device),
+    """Same contract as reference.write_pages. With `length` (or `state` = [length, num_paged, 0] on the device),
     the eviction step of appending key/value to a cache of `length` tokens whose pages hold [0, start) (see
-    _write_kernel's EVICT); with ring_write (one token) the window ring update too."""
+    _write_kernel's EVICT); with ring_write (one token) the window ring update too; with advance (and `state`),
+    the lengths' update too."""
     b, h, n, d = key.shape
     page_size = pool.k_codes.shape[2]
     tokens = min(TUNING["write_tokens"], page_size)  # tiles are aligned to multiples of `tokens` (_write_tile)
@@ -468,7 +481,7 @@ def _write_pages(
         site = (TUNING.version, key.dtype, value.dtype, wk.dtype, wv.dtype, k_mean.dtype, v_mean.dtype,
                 pool.k_codes.dtype, pool.k_meta.dtype, pool.v_codes.dtype, pool.v_meta.dtype, table.dtype,
                 block_table.dtype, ks, vs, ws, bt_stride, n, h, d, page_size, hadamard_block, v_block,
-                key_mean is None, value_mean is None, state is None, length is None, ring_write, ring)
+                key_mean is None, value_mean is None, state is None, length is None, ring_write, ring, advance)
     _launch(_write_kernel, (tiles, b * h, 2), args, lambda: dict(
         HAS_KMEAN=key_mean is not None, HAS_VMEAN=value_mean is not None, D=d, P=page_size, T=tokens,
         LOG_BLOCK_K=_log2(hadamard_block), SCALE_K=hadamard_scale(hadamard_block) if hadamard_block else 1.0,
@@ -476,7 +489,7 @@ def _write_pages(
         # the first log2(elements per 16-byte load) butterfly stages pair elements inside one thread
         GATHER_FROM=_log2(16 // key.element_size()) if TUNING["write_butterfly"] == "gather" else 64,
         EVICT=state is not None or length is not None,
-        LENGTHS_ON_DEVICE=state is not None, RING_WRITE=ring_write, R=ring, enable_fp_fusion=False,
+        LENGTHS_ON_DEVICE=state is not None, RING_WRITE=ring_write, R=ring, ADVANCE=advance, enable_fp_fusion=False,
         **TUNING["write"],
     ), site)
 
@@ -1303,8 +1316,9 @@ def _advance_state_kernel(STATE, n, R: tl.constexpr):
 
 def _append(pool, block_table, state, length, num_paged, window_key, window_value, key, value, key_mean,
             value_mean, hadamard_block, rotate_values) -> None:
-    """The evictions and the window ring update of an append, lengths from `state` or the host integers: one
-    launch for one-token chunks (decode steps), else the write and the ring kernel."""
+    """The evictions and the window ring update of an append, lengths from `state` (then advanced too) or the host
+    integers: one launch for one-token chunks (decode steps) and for appends without a window, else the write and
+    the ring kernel (and, with `state`, the kernel that advances it)."""
     if window_key is not None:
         strides = window_key.stride()
         if strides != window_value.stride() or strides[-1] != 1:
@@ -1315,9 +1329,12 @@ def _append(pool, block_table, state, length, num_paged, window_key, window_valu
         return
     # One program must do both (its evictions read the ring slots it then overwrites): one token, one tile.
     fused = bool(ring) and n == 1 and pool is not None
+    # The write advances the lengths itself when no ring kernel reads them after it.
+    advance = state is not None and pool is not None and (fused or not ring)
     if pool is not None:
         _write_pages(pool, block_table, num_paged, key, value, key_mean, value_mean, hadamard_block, rotate_values,
-                     state, window_key, window_value, length if state is None else None, ring_write=fused)
+                     state, window_key, window_value, length if state is None else None, ring_write=fused,
+                     advance=advance)
     if ring and not fused:
         key = key if key.stride(-1) == 1 else key.contiguous()
         value = value if value.stride(-1) == 1 else value.contiguous()
@@ -1327,6 +1344,8 @@ def _append(pool, block_table, state, length, num_paged, window_key, window_valu
             key, ks[0], ks[1], ks[2], value, vs[0], vs[1], vs[2], window_key, window_value, ws[0], ws[1], ws[2],
             state if state is not None else key, length, n, kept, h,
         ), dict(R=ring, BLOCK=_next_pow2(kept), D=d, LENGTHS_ON_DEVICE=state is not None))
+    if state is not None and not advance:
+        _launch(_advance_state_kernel, (1,), (state, n), dict(R=ring))
 
 
 def append_with_window(pool, block_table, length, num_paged, window_key, window_value, key, value, key_mean,
@@ -1339,13 +1358,14 @@ def append_with_window(pool, block_table, length, num_paged, window_key, window_
 
 def append_from_state(pool, block_table, state, window_key, window_value, key, value, key_mean, value_mean,
                       hadamard_block, rotate_values) -> None:
-    """Same contract as reference.append_from_state: the evictions and the window ring in one launch for decode
-    steps (two for longer chunks), then the lengths."""
+    """Same contract as reference.append_from_state: the evictions, the window ring and the lengths in one launch
+    for decode steps (more for longer chunks). The write kernel counts its programs in state[2]."""
+    if state.shape != (3,):
+        raise ValueError("append_from_state: state must be int32 [length, num_paged, 0] (the last for the write "
+                         f"kernel's count of programs), got shape {tuple(state.shape)}")
     with _on_device(key):
         _append(pool, block_table, state, 0, 0, window_key, window_value, key, value, key_mean, value_mean,
                 hadamard_block, rotate_values)
-        ring = window_key.shape[2] if window_key is not None else 0
-        _launch(_advance_state_kernel, (1,), (state, key.shape[2]), dict(R=ring))
 
 
 def dequantize_pages(pool, block_table, num_tokens, key_mean, value_mean, hadamard_block, rotate_values, dtype):
