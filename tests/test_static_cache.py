@@ -330,10 +330,11 @@ def test_crop_through_the_cache_api_then_continue_equals_an_uncropped_run(llama)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_compiled_generate_is_one_graph_without_breaks_and_equals_eager(backend):
+def test_compiled_generate_is_one_graph_without_breaks_and_equals_eager(backend, monkeypatch):
     """transformers' compiled generation (a compile config; on CUDA generate() compiles a static cache's decode step
     by itself): the whole decode step is one graph (fullgraph=True fails on any break), compiled once, and the
-    tokens equal eager decoding. aot_eager on the CPU; the GPU check runs inductor with CUDA graphs."""
+    tokens equal eager decoding. Between steps nothing reads the lengths back from the device (each read waits for
+    the GPU). aot_eager on the CPU; the GPU check runs inductor with CUDA graphs."""
     from transformers import CompileConfig
 
     model = tiny_model("llama", head_dim=32)
@@ -350,11 +351,15 @@ def test_compiled_generate_is_one_graph_without_breaks_and_equals_eager(backend)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     cache = SawInt4Cache(cfg, max_batch_size=2, max_cache_len=40)
+    reads = []
+    pull = PagedKVStore._pull_state
+    monkeypatch.setattr(PagedKVStore, "_pull_state", lambda store: reads.append(store.layer_idx) or pull(store))
     with torch.no_grad():
         compiled = model.generate(ids, **cache_kwargs(cache), compile_config=compile_config, **kwargs)
     assert torch.equal(compiled, eager)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     assert not torch._dynamo.utils.counters["graph_break"]
+    assert reads == []
     assert cache.get_seq_length() == 13 + kwargs["max_new_tokens"] - 1  # read back from the device
 
 

@@ -287,6 +287,14 @@ class SawInt4Cache(Cache):
                 stacklevel=4,
             )
 
+    def get_query_offset(self, layer_idx: int = 0):
+        """The position of the first query (transformers' mask creation). Between compiled decode steps, which
+        advance only the device copy of the lengths, it is that copy (a tensor, as StaticCache's): generate() builds
+        each step's mask outside the compiled step, and reading the length back would wait for the GPU there."""
+        if layer_idx < len(self.layers) and self.layers[layer_idx].store._host_stale:
+            return self.layers[layer_idx].store._state[0]
+        return super().get_query_offset(layer_idx)
+
     def crop(self, tokens_to_remove: int) -> None:
         for layer in self.layers:
             layer.crop(tokens_to_remove)
