@@ -201,7 +201,7 @@ def _best(label, candidates, measure):
     return [{"us": us, **update} for us, update in results]
 
 
-SWEEPS = ("decode", "programs", "write", "prefill")
+SWEEPS = ("decode", "programs", "write", "append", "prefill")
 # Not in the default sweep: programs of 1 or 2 warps (no barrier between warps in the page loop), with the window
 # loop's tiles narrowed so that enough such programs fit an SM's shared memory.
 WARPS_SWEEP = [
@@ -240,12 +240,46 @@ def sweep(kernels=SWEEPS):
             {"write_butterfly": bf, "write_tokens": t, "write": {"num_warps": w}}
             for bf in ("reshape", "gather") for t in (16, 32, 64) for w in (4, 8)
         ], lambda: write_us(16384, 64))
+    if "append" in kernels:
+        def append_total():
+            times = [append_step_us(b, 8192) for b in (1, 16)]
+            print(f"    1x8192 {times[0]:.1f} / 16x8192 {times[1]:.1f}", flush=True)
+            return sum(times)
+        log["append"] = _best("decode append", [
+            {"write_decode": {"tokens": t, "num_warps": w}} for t, w in ((2, 1), (2, 4), (16, 1), (32, 4))
+        ], append_total)
     if "prefill" in kernels:
         log["prefill"] = _best("prefill", [
             {"prefill_block_n": n, "prefill_rows": r, "prefill": {"num_warps": w, "num_stages": st}}
             for n in (64, 128) for r in (64, 128) for w in (4, 8) for st in (2, 3)
         ], lambda: prefill_us(4096, 28672, baseline=False, repeats=2)[0])
     return log
+
+
+def append_step_us(batch, ctx):
+    """One decode step's append as a compiled static cache runs it (append_from_state: the window's oldest token
+    into the pages, the new one into the window, the lengths advanced on the device), per layer. Each layer's cache
+    holds `ctx` tokens and room for every replay's token (the lengths advance at each replay)."""
+    window = 64
+    replays = 128  # warm-up and capture, then trials x repeats of time_graph
+    layers = layers_for(int4_kv_bytes(batch, ctx), cap=32)
+    caches = []
+    for _ in range(layers):
+        pool, table = random_pool(batch, ctx + replays)
+        wk, wv = (torch.randn(batch, HKV, window, D, device="cuda", dtype=DTYPE) for _ in "kv")
+        state = torch.tensor([ctx, ctx - window, 0], dtype=torch.int32, device="cuda")
+        caches.append((pool, table, wk, wv, state))
+    key, value = (torch.randn(batch, HKV, 1, D, device="cuda", dtype=DTYPE) for _ in "kv")
+    mean = torch.randn(HKV, D, device="cuda")
+
+    def run(i):
+        pool, table, wk, wv, state = caches[i]
+        triton_kernels.append_from_state(pool, table, state, wk, wv, key, value, mean, None, 64, True)
+
+    us = time_graph(run, layers)
+    del caches
+    torch.cuda.empty_cache()
+    return us
 
 
 def environment():
@@ -298,6 +332,13 @@ def main():
                      ("write, hadamard_block 128", rotated128)):
         rows.append({"kernel": name, "shape": f"{tokens} tokens", "int4_us": us, "int4_TBps": write_bytes / us / 1e6,
                      "sdpa_bf16_us": None, "speedup": None, "rotation_overhead": us / plain - 1})
+        print(rows[-1], flush=True)
+    for batch in (1, 16):
+        us = append_step_us(batch, 8192)
+        # per K and V: the new token read and put in the window, the evicted one read, in BF16; one INT4 row written
+        write_bytes = batch * HKV * 2 * (3 * D * 2 + D // 2 + 4)
+        rows.append({"kernel": "decode step's append", "shape": f"batch {batch}, context 8192", "int4_us": us,
+                     "int4_TBps": write_bytes / us / 1e6, "sdpa_bf16_us": None, "speedup": None})
         print(rows[-1], flush=True)
     int4, sdpa = prefill_us(4096, 28672)
     ideal = int4_kv_bytes(1, 28672) + 4 * 4096 * HKV * D * 2

@@ -78,6 +78,9 @@ TUNING = _Tuning({
     "fused_merge": True,  # the last split merges the splits' results (no second kernel) outside CUDA-graph capture
     "write": {"num_warps": 4},
     "write_tokens": 32,  # tokens per program of the write kernel
+    # One-token appends (decode steps): a tile of 2 tokens (the pair that shares a value byte) in one warp, instead
+    # of 32 rows of which 31 are masked out.
+    "write_decode": {"tokens": 2, "num_warps": 1},
     "write_butterfly": "gather",  # "gather" (partners in other threads by tl.gather) or "reshape" (split/join)
     "rotation_precision": "tf32x3",  # of the in-kernel rotation by tl.dot for 16-bit inputs
 })
@@ -446,7 +449,9 @@ def _write_pages(
     the lengths' update too."""
     b, h, n, d = key.shape
     page_size = pool.k_codes.shape[2]
-    tokens = min(TUNING["write_tokens"], page_size)  # tiles are aligned to multiples of `tokens` (_write_tile)
+    decode = n == 1
+    # tiles are aligned to multiples of `tokens` (_write_tile)
+    tokens = min(TUNING["write_decode"]["tokens"] if decode else TUNING["write_tokens"], page_size)
     ring = window_key.shape[2] if window_key is not None else 0
     if state is not None:
         tiles = _cdiv(n - 1, tokens) + 1  # at most n evictions from any position; the kernel reads which
@@ -490,7 +495,7 @@ def _write_pages(
         GATHER_FROM=_log2(16 // key.element_size()) if TUNING["write_butterfly"] == "gather" else 64,
         EVICT=state is not None or length is not None,
         LENGTHS_ON_DEVICE=state is not None, RING_WRITE=ring_write, R=ring, ADVANCE=advance, enable_fp_fusion=False,
-        **TUNING["write"],
+        **({"num_warps": TUNING["write_decode"]["num_warps"]} if decode else TUNING["write"]),
     ), site)
 
 
