@@ -78,9 +78,10 @@ TUNING = _Tuning({
     "fused_merge": True,  # the last split merges the splits' results (no second kernel) outside CUDA-graph capture
     "write": {"num_warps": 4},
     "write_tokens": 32,  # tokens per program of the write kernel
-    # One-token appends (decode steps): a tile of 2 tokens (the pair that shares a value byte) in one warp, instead
-    # of 32 rows of which 31 are masked out.
-    "write_decode": {"tokens": 2, "num_warps": 1},
+    # One-token appends (decode steps): a tile of 2 tokens (the pair that shares a value byte), not 32 rows of which
+    # 31 are masked out (`bench_kernels.py --sweep append`, 1 x 8k / 16 x 8k on an H200: 3.4 / 4.2 us against 4.7 /
+    # 7.3). The attention kernel's own append (eager steps) uses the same tile.
+    "write_decode": {"tokens": 2, "num_warps": 4},
     "write_butterfly": "gather",  # "gather" (partners in other threads by tl.gather) or "reshape" (split/join)
     "rotation_precision": "tf32x3",  # of the in-kernel rotation by tl.dot for 16-bit inputs
 })
@@ -1263,7 +1264,7 @@ def _paged_attention(
                 HAS_KMEAN=key_mean is not None, HAS_VMEAN=value_mean is not None, HAS_MASK=mask is not None,
                 HAS_SOFTCAP=bool(softcap), HAS_SINKS=sinks is not None, SINGLE_SPLIT=splits == 1,
                 STATE_ON_DEVICE=state is not None, FUSED_MERGE=fused, MERGE_CHUNK=4,
-                APPEND=fuse_append, W_T=min(TUNING["write_tokens"], page_size),
+                APPEND=fuse_append, W_T=min(TUNING["write_decode"]["tokens"], page_size),
                 W_GATHER_FROM=_log2(16 // chunk_dtype.itemsize) if TUNING["write_butterfly"] == "gather" else 64,
                 W_R=ring_key.shape[2] if fuse_append and ring_key is not None else 0,
                 W_LOG_BLOCK_V=_log2(hadamard_block) if rotate_values else 0,
