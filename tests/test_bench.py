@@ -131,3 +131,13 @@ def test_bench_fill_prompt_decodes_after_a_filled_cache(monkeypatch):
     assert calls == [(1, 39), (1, 40), (1, 41)] * 2
     with pytest.raises(ValueError, match="fill_prompt"):
         bench.run_bench("tiny", fill_prompt=True, prefill_chunk=16, progress=False)
+
+
+def test_the_recorded_commit_is_saw_commit_when_set(monkeypatch):
+    """A copy of the tree whose .git is not its own (a GPU machine's) names its commit through $SAW_COMMIT."""
+    from saw_kvcache.bench import _commit
+
+    monkeypatch.setenv("SAW_COMMIT", "abc1234")
+    assert _commit() == "abc1234"
+    monkeypatch.delenv("SAW_COMMIT")
+    assert _commit() != "abc1234"

@@ -49,6 +49,10 @@ class _SimpleProgress:
 
 
 def _commit() -> Optional[str]:
+    """The git commit of this source tree (with "+uncommitted" if it has changes), or $SAW_COMMIT when set: a copy
+    of the tree whose git metadata is not its own (a GPU machine's copy, say) names its commit there."""
+    if os.environ.get("SAW_COMMIT"):
+        return os.environ["SAW_COMMIT"]
     try:
         folder = os.path.dirname(os.path.abspath(__file__))
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=5)
