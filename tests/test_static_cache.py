@@ -398,6 +398,29 @@ def test_appends_with_lengths_on_the_device_reject_mismatched_states():
     assert static.length == 10
 
 
+@pytest.mark.parametrize("family", ["mistral", "gemma3"])
+def test_compiled_generate_of_sliding_window_models_equals_eager(family):
+    """Models with sliding-window layers build their masks (both kinds) from the query offset, which between compiled
+    steps is the device copy of the length: the compiled tokens equal eager decoding's."""
+    from transformers import CompileConfig
+
+    model = tiny_model(family)
+    cfg = SawInt4Config(hadamard_block=16, residual_length=4, page_size=PAGE, backend="torch")
+    ids = torch.randint(3, 160, (2, 13))
+    ids[1, :3] = 0
+    kwargs = dict(attention_mask=(ids != 0).long(), max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                  pad_token_id=0)
+    compile_config = CompileConfig(backend="aot_eager", fullgraph=True)
+    compile_config._compile_all_devices = True
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = model.generate(ids, **cache_kwargs(SawInt4Cache(cfg, max_batch_size=2, max_cache_len=40)),
+                               disable_compile=True, **kwargs)
+        compiled = model.generate(ids, **cache_kwargs(SawInt4Cache(cfg, max_batch_size=2, max_cache_len=40)),
+                                  compile_config=compile_config, **kwargs)
+    assert torch.equal(compiled, eager)
+
+
 @pytest.mark.parametrize("backend", ["torch", TRITON_ON_CPU])
 def test_compiled_generate_with_chunked_prefill_equals_eager(backend):
     """generate(prefill_chunk_size=...) also compiles the prefill chunks of a compileable cache: the first chunk
