@@ -27,8 +27,9 @@ PAGE = 16
 
 # The Triton backend on the CPU tensors of these tests runs under Triton's interpreter (CI); on a GPU machine, run with
 # TRITON_INTERPRET=0, its kernels are covered by test_triton_kernels.py and the GPU tests below instead.
-TRITON_ON_CPU = pytest.param("triton", marks=pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1", reason="the Triton backend on CPU tensors needs TRITON_INTERPRET=1"))
+needs_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                       reason="the Triton backend on CPU tensors needs TRITON_INTERPRET=1")
+TRITON_ON_CPU = pytest.param("triton", marks=needs_interpreter)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -369,7 +370,7 @@ def test_compiled_generate_is_one_graph_without_breaks_and_equals_eager(backend,
     assert cache.get_seq_length() == 13 + kwargs["max_new_tokens"] - 1  # read back from the device
 
 
-@TRITON_ON_CPU.marks[0]
+@needs_interpreter
 def test_triton_backend_static_equals_dynamic_with_capacity_wide_masks():
     """The Triton attention takes masks exactly as wide as the tokens; static mode's max_cache_len-wide masks are
     cut to them first (CPU: Triton's interpreter, head dim 32)."""

@@ -313,9 +313,9 @@ def _write_kernel(
         tl.debug_barrier()  # every thread's reads of STATE come before this program's ticket
         programs = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
         if tl.atomic_add(STATE + 2, 1, sem="acq_rel") == programs - 1:  # every other program has read STATE
-            length = tl.load(STATE, volatile=True) + n
-            tl.store(STATE + 1, tl.maximum(tl.load(STATE + 1, volatile=True), length - R))
-            tl.store(STATE, length)
+            new_length = tl.load(STATE, volatile=True) + n
+            tl.store(STATE + 1, tl.maximum(tl.load(STATE + 1, volatile=True), new_length - R))
+            tl.store(STATE, new_length)
             tl.store(STATE + 2, 0)
 
 
