@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import time
 
 import torch
 from transformers import LogitsProcessorList
@@ -26,12 +27,41 @@ from saw_kvcache.bench.models import build_model, model_config
 from saw_kvcache.integration.compat import cache_kwargs
 
 
+class HostTimer:
+    """Wraps a callable; adds up the host time its calls take (they queue GPU work and return)."""
+
+    def __init__(self, fn):
+        self.fn, self.seconds, self.calls = fn, 0.0, 0
+
+    def __call__(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
+            self.calls += 1
+
+
+def host_split(model, method, args, ids) -> tuple[float, float]:
+    """Host ms per decode step in generate()'s input preparation (the step's mask included) and in the compiled
+    call (torch.compile's guard check and the CUDA graph's replay launch), with no profiler attached."""
+    prepare = HostTimer(model.prepare_inputs_for_generation)
+    call = HostTimer(model._compiled_call)
+    model.prepare_inputs_for_generation, model._compiled_call = prepare, call
+    try:
+        run(model, method, args, ids, args.steps, profile=False)
+    finally:
+        del model.prepare_inputs_for_generation
+        model._compiled_call = call.fn
+    return prepare.seconds / prepare.calls * 1e3, call.seconds / call.calls * 1e3
+
+
 def run(model, method, args, ids, tokens: int, profile: bool):
     cache = method.make_cache(model, args.batch, args.context + tokens)
     timer = StepTimer(model.device)
     with torch.no_grad():
         _fill(cache, model, args.batch, args.context - 1, model.device)
-        torch.cuda.synchronize()
+        timer.start()
         activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         with torch.profiler.profile(activities=activities) if profile else _Nothing() as prof:
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
@@ -39,7 +69,8 @@ def run(model, method, args, ids, tokens: int, profile: bool):
                            **generate_kwargs(method, model.device, "reduce-overhead", "inductor"))
     del cache
     release(model.device)
-    steps = [b - a for a, b in zip(timer.times, timer.times[1:])]
+    times = timer.times
+    steps = [b - a for a, b in zip(times, times[1:])]
     return statistics.median(steps[1:]), prof
 
 
@@ -73,6 +104,7 @@ def main() -> None:
             del model._compiled_call
         run(model, method, args, ids, 8, profile=False)  # compiles, captures the CUDA graphs
         unprofiled, _ = run(model, method, args, ids, args.steps, profile=False)
+        prepare_ms, call_ms = host_split(model, method, args, ids)
         profiled, prof = run(model, method, args, ids, args.steps, profile=True)
         events = prof.key_averages()
         gpu = sum(e.device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
@@ -81,12 +113,14 @@ def main() -> None:
         with open(os.path.join(args.out, f"compiled_profile_{key}.txt"), "w") as f:
             f.write(events.table(sort_by="device_time_total", row_limit=30))
             f.write("\n\n" + events.table(sort_by="self_cpu_time_total", row_limit=30))
-        rows.append((method.label, unprofiled * 1e3, profiled * 1e3, gpu / steps / 1e3, kernels / steps))
+        rows.append((method.label, unprofiled * 1e3, profiled * 1e3, gpu / steps / 1e3, kernels / steps, prepare_ms,
+                     call_ms))
     print(f"\n{args.model}, batch {args.batch}, context {args.context}; torch {torch.__version__}")
-    print("| method | wall ms/step | wall ms/step, profiled | GPU busy ms/step | kernels/step |")
-    print("|---|---:|---:|---:|---:|")
-    for label, wall, wall_p, gpu, k in rows:
-        print(f"| {label} | {wall:.2f} | {wall_p:.2f} | {gpu:.2f} | {k:.0f} |")
+    print("| method | wall ms/step | wall ms/step, profiled | GPU busy ms/step | kernels/step | host ms/step: inputs "
+          "| host ms/step: compiled call |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for label, wall, wall_p, gpu, k, prepare_ms, call_ms in rows:
+        print(f"| {label} | {wall:.2f} | {wall_p:.2f} | {gpu:.2f} | {k:.0f} | {prepare_ms:.3f} | {call_ms:.3f} |")
 
 
 if __name__ == "__main__":

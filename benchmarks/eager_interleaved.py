@@ -6,7 +6,8 @@ The host's speed drifts during a run (`saw-kvcache bench` saw DynamicCache's war
 in four calls), and the bench times one method after the other. Here both caches hold the same prompt and take
 turns: each round runs `--steps` decode steps of one cache (one token per forward, a device sync per step, as
 generate() does), then crops that cache back by as many tokens, then the same for the other cache, so every round
-repeats the same lengths (DynamicCache's cuDNN plans are built in the first round, which is not counted). Prints
+repeats the same lengths (DynamicCache's cuDNN plans are built in the first round, which is not counted). The
+caches take the first turn in alternate rounds, so that neither always follows the other. Prints
 each cache's median step over the later rounds, their ratio, the spread of the per-round medians, and the ratio
 of the two caches' medians in each round (neighbours in time).
 """
@@ -50,7 +51,8 @@ def main() -> None:
         steps = {name: [] for name in caches}
         round_medians = {name: [] for name in caches}
         for round_index in range(args.rounds + 1):
-            for name, (cache, attn) in caches.items():
+            order = list(caches.items())
+            for name, (cache, attn) in order if round_index % 2 else order[::-1]:
                 model.set_attn_implementation(attn)
                 token, times = first[name], []
                 for i in range(args.steps):

@@ -28,17 +28,40 @@ def release(device: torch.device) -> None:
 
 
 class StepTimer(LogitsProcessor):
-    """Called by generate() once per generated token, right after that step's forward: a timestamp each time
-    (after a device sync, which generate()'s own stopping check does every step anyway)."""
+    """Called by generate() once per generated token, right after that step's forward: a timestamp each time.
+
+    On CUDA the timestamps are events recorded on the stream, read after generate() returns: a sync here would
+    make the host wait before it queues the step's token selection and stopping check, work that otherwise
+    overlaps the forward on the GPU (generate() syncs once per step anyway, in its stopping check, after that
+    work). `start()` marks time zero just before generate() is called; `times` are seconds from then."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.times: list[float] = []
+        self.marks: list = []
+
+    def _mark(self):
+        if self.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def start(self) -> None:
+        synchronize(self.device)
+        self.marks = [self._mark()]
 
     def __call__(self, input_ids, scores):
-        synchronize(self.device)
-        self.times.append(time.perf_counter())
+        self.marks.append(self._mark())
         return scores
+
+    @property
+    def times(self) -> list[float]:
+        """Seconds from start() to each call (syncs the device)."""
+        first, rest = self.marks[0], self.marks[1:]
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            return [first.elapsed_time(mark) / 1e3 for mark in rest]
+        return [mark - first for mark in rest]
 
 
 def _dynamo_counts() -> tuple[int, int]:
@@ -81,7 +104,7 @@ def run_case(model, method: Method, batch: int, context: int, new_tokens: int, d
         if fill_prompt:
             with torch.no_grad():
                 _fill(cache, model, batch, context - 1, device)
-        synchronize(device)
+        timer.start()
         start = time.perf_counter()
         with torch.no_grad():
             model.generate(
@@ -102,14 +125,15 @@ def run_case(model, method: Method, batch: int, context: int, new_tokens: int, d
         if method.compiled:
             return dict(row, status="unsupported", note=_short(e))
         raise
-    steps = [b - a for a, b in zip(timer.times, timer.times[1:])]
+    times = timer.times
+    steps = [b - a for a, b in zip(times, times[1:])]
     decode = statistics.median(steps[1:] or steps) if steps else float("nan")
     allocated, in_use = kv_bytes(cache)
     stored = batch * (context + new_tokens - 1)
     breaks1, graphs1 = _dynamo_counts()
     row.update(
         status="ok",
-        prefill_s=None if fill_prompt else timer.times[0] - start,
+        prefill_s=None if fill_prompt else times[0],
         decode_ms_per_step=decode * 1e3,
         decode_tokens_per_s=batch / decode if decode == decode and decode > 0 else None,
         first_decode_step_ms=steps[0] * 1e3 if steps else None,
