@@ -1,6 +1,7 @@
 """Where an eager decode step's time goes (GPU): host time by Python function, and the GPU's busy time.
 
-    python benchmarks/eager_step_profile.py [--model llama3-8b] [--batch 1] [--context 8192] [--steps 20] [--out DIR]
+    python benchmarks/eager_step_profile.py [--model llama3-8b] [--batch 1] [--context 8192] [--steps 20] [--warm]
+        [--out DIR]
 
 For DynamicCache (sdpa) and SawInt4Cache (saw_int4), after a prefill of `context` random tokens, runs decode
 steps as generate() does (one token per forward, a device sync per step) and reports:
@@ -8,7 +9,9 @@ steps as generate() does (one token per forward, a device sync per step) and rep
   * GPU busy ms per step: the summed duration of the step's kernels (torch.profiler);
   * host ms per step under cProfile (slower than unprofiled), and the functions with the most own time, written
     to DIR/profile_<method>.txt with the callers of the SawInt4Cache functions.
-A step whose wall time is well above its GPU time is bound by host work (Python, launches).
+A step whose wall time is well above its GPU time is bound by host work (Python, launches). With --warm, every
+measured pass repeats the lengths of a first, unmeasured one (the cache is cropped back after each pass), so that
+DynamicCache's cuDNN plans are built before anything is timed: the warm steps that `eager_interleaved.py` compares.
 """
 
 from __future__ import annotations
@@ -38,6 +41,13 @@ def decode_steps(model, cache, token, position: int, steps: int) -> torch.Tensor
     return token
 
 
+def _pass_start(cache, position: int, warm: bool) -> float:
+    """With `warm`, crop the cache back to `position` tokens, so that the next pass repeats the lengths."""
+    if warm:
+        cache.crop(position)
+    return time.perf_counter()
+
+
 def profile_method(model, name: str, make_cache, attn: str, args, out: str) -> dict:
     model.set_attn_implementation(attn)
     device = model.device
@@ -49,24 +59,27 @@ def profile_method(model, name: str, make_cache, attn: str, args, out: str) -> d
         position = args.context
         token = decode_steps(model, cache, token, position, 3)  # warm: kernels compiled, cuDNN plans built
         position += 3
-        start = time.perf_counter()
+        if args.warm:
+            decode_steps(model, cache, token, position, args.steps)
+        start = _pass_start(cache, position, args.warm)
         token = decode_steps(model, cache, token, position, args.steps)
         wall = (time.perf_counter() - start) / args.steps
-        position += args.steps
+        position += 0 if args.warm else args.steps
+        _pass_start(cache, position, args.warm)
         activity = torch.profiler.ProfilerActivity.CUDA if device.type == "cuda" else torch.profiler.ProfilerActivity.CPU
         with torch.profiler.profile(activities=[activity]) as prof:
             token = decode_steps(model, cache, token, position, args.steps)
-        position += args.steps
+        position += 0 if args.warm else args.steps
         gpu_us = sum(e.device_time_total for e in prof.key_averages()) / args.steps  # 0 on the CPU
         profiler = cProfile.Profile()
-        start = time.perf_counter()
+        start = _pass_start(cache, position, args.warm)
         profiler.enable()
         token = decode_steps(model, cache, token, position, args.steps)
         profiler.disable()
         profiled = (time.perf_counter() - start) / args.steps
     text = io.StringIO()
     stats = pstats.Stats(profiler, stream=text)
-    stats.sort_stats("tottime").print_stats(40)
+    stats.sort_stats("tottime").print_stats(60)
     stats.sort_stats("cumulative").print_stats("saw_kvcache|triton", 40)
     with open(os.path.join(out, f"profile_{name}.txt"), "w") as f:
         f.write(f"{name}: wall {wall * 1e3:.2f} ms/step, GPU busy {gpu_us / 1e3:.2f} ms/step, "
@@ -86,6 +99,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--context", type=int, default=8192)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warm", action="store_true", help="every measured pass repeats lengths already seen")
     parser.add_argument("--out", default="profile_out")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -98,7 +112,8 @@ def main() -> None:
         profile_method(model, "dynamic", DynamicCache, "sdpa", args, args.out),
         profile_method(model, "saw", lambda: SawInt4Cache(config=saw_config_for(model, {})), "saw_int4", args, args.out),
     ]
-    print(f"\n{args.model}, batch {args.batch}, context {args.context}, {args.steps} steps; torch {torch.__version__}")
+    print(f"\n{args.model}, batch {args.batch}, context {args.context}, {args.steps} steps"
+          f"{', warm (lengths repeated)' if args.warm else ''}; torch {torch.__version__}")
     print("| cache | wall ms/step | GPU busy ms/step | ms/step under cProfile |")
     print("|---|---:|---:|---:|")
     for r in rows:

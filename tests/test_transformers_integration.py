@@ -463,6 +463,46 @@ def test_saw_int4_attention_without_saw_cache_is_exact_sdpa(use_dynamic_cache):
         assert torch.allclose(g, w, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("q_offset_on_device", [False, True], ids=["int-offset", "tensor-offset"])
+def test_saw_int4_mask_equals_sdpa_mask(q_offset_on_device):
+    """The saw_int4 mask interface builds the unskippable causal mask (a compiled decode step's) itself: the same
+    values, shape and dtype as sdpa_mask's, padded or not, with a 2D mask shorter or longer than the positions;
+    other masks (skippable, sliding window, vmap) come from sdpa_mask."""
+    from transformers.masking_utils import causal_mask_function, sliding_window_causal_mask_function
+
+    from saw_kvcache.integration.attention import saw_int4_mask
+
+    generator = torch.Generator().manual_seed(0)
+    built_here = 0
+    for batch, q_length, kv_length, kv_offset, mask_length, allow_skip, function in [
+        (3, 1, 40, 0, 17, False, causal_mask_function),  # a static cache's decode step: 2D mask shorter, padded
+        (3, 1, 40, 0, 40, False, causal_mask_function),
+        (2, 5, 24, 0, 20, False, causal_mask_function),  # a chunk of queries
+        (2, 1, 16, 8, 30, False, causal_mask_function),  # a kv offset (sliding caches) and a longer 2D mask
+        (2, 1, 40, 0, None, False, causal_mask_function),  # no 2D mask
+        (2, 1, 40, 0, 17, True, causal_mask_function),  # skippable: sdpa_mask (None without padding)
+        (2, 3, 40, 0, 17, False, sliding_window_causal_mask_function(4)),
+    ]:
+        for padded in (False, True):
+            attention_mask = None
+            if mask_length is not None:
+                attention_mask = torch.ones(batch, mask_length, dtype=torch.bool)
+                if padded:
+                    attention_mask[0, : 1 + int(torch.randint(3, (1,), generator=generator))] = False
+            q_offset = max((mask_length or kv_length) - q_length, 0)
+            args = dict(batch_size=batch, q_length=q_length, kv_length=kv_length, kv_offset=kv_offset,
+                        mask_function=function, attention_mask=attention_mask, allow_is_causal_skip=allow_skip)
+            want = sdpa_mask(q_offset=q_offset, **args)
+            got = saw_int4_mask(q_offset=torch.tensor(q_offset) if q_offset_on_device else q_offset, **args)
+            if want is None:
+                assert got is None
+                continue
+            assert got.dtype == want.dtype == torch.bool and got.shape == want.shape
+            assert torch.equal(got, want), (batch, q_length, kv_length, kv_offset, mask_length, padded)
+            built_here += not allow_skip and function is causal_mask_function
+    assert built_here == 10
+
+
 def test_saw_int4_attention_with_softcap_and_no_saw_cache_equals_eager():
     """Gemma2 softcapping without a SawInt4Cache goes through the reference math, not sdpa."""
     model = tiny_model("gemma2")

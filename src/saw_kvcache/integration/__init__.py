@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..config import SawInt4Config
-from .attention import ATTN_IMPLEMENTATION, saw_int4_attention_forward
+from .attention import ATTN_IMPLEMENTATION, saw_int4_attention_forward, saw_int4_mask
 from .cache import SawInt4Cache, SawInt4Layer
 from . import compat
 
@@ -24,8 +24,9 @@ def _cache_for(model) -> SawInt4Cache:
 
 def register() -> None:
     """Register attn_implementation="saw_int4" (attention and mask) and the automatic cache in generate()."""
-    compat.register_attention(ATTN_IMPLEMENTATION, saw_int4_attention_forward)
+    compat.register_attention(ATTN_IMPLEMENTATION, saw_int4_attention_forward, saw_int4_mask)
     compat.patch_generate_cache_creation(ATTN_IMPLEMENTATION, _cache_for)
 
 
-__all__ = ["ATTN_IMPLEMENTATION", "SawInt4Cache", "SawInt4Layer", "register", "saw_int4_attention_forward"]
+__all__ = ["ATTN_IMPLEMENTATION", "SawInt4Cache", "SawInt4Layer", "register", "saw_int4_attention_forward",
+           "saw_int4_mask"]

@@ -6,10 +6,43 @@ from typing import Optional
 
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import causal_mask_function, prepare_padding_mask, sdpa_mask
 
 from ..ops import reference
 
 ATTN_IMPLEMENTATION = "saw_int4"
+
+
+def saw_int4_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset=0,
+    kv_offset: int = 0,
+    mask_function=causal_mask_function,
+    attention_mask: Optional[torch.Tensor] = None,
+    allow_is_causal_skip: bool = True,
+    use_vmap: bool = False,
+    device="cpu",
+    **kwargs,
+) -> Optional[torch.Tensor]:
+    """transformers mask interface: the boolean mask of `sdpa_mask`, [batch, 1, q_length, kv_length], True = attend.
+
+    The plain causal mask that may not be skipped (generate() builds one before every decode step of a compiled
+    cache, outside the compiled graph, where the GPU waits for it) is built here in a few tensor operations: the
+    causal comparison and the 2D padding mask, the same values as `sdpa_mask`'s composed mask functions in a
+    fraction of the host time. Everything else goes to `sdpa_mask`."""
+    if allow_is_causal_skip or use_vmap or mask_function is not causal_mask_function:
+        return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                         kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                         allow_is_causal_skip=allow_is_causal_skip, use_vmap=use_vmap, device=device, **kwargs)
+    kv_positions = torch.arange(kv_offset, kv_offset + kv_length, device=device)
+    q_positions = torch.arange(q_length, device=device) + q_offset
+    mask = kv_positions <= q_positions[:, None]  # [q_length, kv_length]
+    padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
+    if padding is not None:
+        mask = mask & padding[:, None, None, kv_offset : kv_offset + kv_length].to(torch.bool)
+    return mask.expand(batch_size, 1, q_length, kv_length)
 
 
 def saw_int4_attention_forward(

@@ -7,7 +7,7 @@ import inspect
 
 import transformers
 from transformers.generation.utils import GenerationMixin
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 TRANSFORMERS_VERSION = transformers.__version__
@@ -42,10 +42,10 @@ def crop_target_length(tokens_to_remove: int, length: int) -> int:
     return max(length + tokens_to_remove, 0)
 
 
-def register_attention(name: str, attention_fn) -> None:
-    """Register an attention function and, under the same name, the boolean sdpa-style mask it reads."""
+def register_attention(name: str, attention_fn, mask_fn) -> None:
+    """Register an attention function and, under the same name, the function that builds the mask it reads."""
     ALL_ATTENTION_FUNCTIONS.register(name, attention_fn)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, mask_fn)
 
 
 def patch_generate_cache_creation(attn_implementation: str, make_cache) -> None:
