@@ -167,6 +167,14 @@ def calls():
             torch.arange(16, dtype=torch.int32).view(2, 8), 512, ring, ring, ring[:, :, :1], ring[:, :, :1],
             torch.ones(2, 1, 1, 512, dtype=torch.bool), 0.1, None, None, torch.zeros(2, 128), None, 64, True,
             state=state))
+    for r in (64, 0):  # a static cache's decode step: the append in the attention's launch, lengths on the device
+        yield f"attention appending its token with lengths on the device, window {r}", unfused(
+            lambda r=r: triton_kernels.paged_attention(
+                torch.randn(2, 8, 1, 128).to(torch.bfloat16), pool(17, 2, 64, 128, torch.bfloat16),
+                torch.arange(16, dtype=torch.int32).view(2, 8), 512, ring if r else None, ring if r else None,
+                ring[:, :, :1], ring[:, :, :1], torch.ones(2, 1, 1, 512, dtype=torch.bool), 0.1, None, None,
+                torch.zeros(2, 128), None, 64, True, state=torch.tensor([300, 250 if r else 300, 0], dtype=torch.int32),
+                append=True))
     yield "append with lengths on the device", lambda: triton_kernels.append_from_state(
         pool(17, 2, 64, 128, torch.bfloat16), torch.arange(16, dtype=torch.int32).view(2, 8), state, ring, ring,
         ring[:, :, :1], ring[:, :, :1], torch.zeros(2, 128), None, 64, True)

@@ -124,11 +124,14 @@ def test_append_kernels_equal_the_torch_twin(ring, lengths_on_device):
 @pytest.mark.parametrize("ring", [0, 16])
 @pytest.mark.parametrize("dtype,rotate_values,value_mean", [(torch.bfloat16, True, False), (torch.float16, False, True)],
                          ids=["bf16-rotated-values", "fp16-centered-values"])
-def test_decode_attention_appending_in_its_launch_equals_append_then_attention(ring, dtype, rotate_values, value_mean):
-    """paged_attention(append_from=...) with a one-token chunk: the token is appended by the attention's own
-    launch (eager decode steps). Over steps that evict from the window, cross pages and wrap the ring: the same
-    pages and window as the twin (which appends, then attends), and bit for bit the output of the Triton append
-    followed by the Triton attention."""
+@pytest.mark.parametrize("lengths_on_device", [False, True], ids=["host_lengths", "state"])
+def test_decode_attention_appending_in_its_launch_equals_append_then_attention(ring, dtype, rotate_values, value_mean,
+                                                                               lengths_on_device, monkeypatch):
+    """paged_attention(append_from=...) with a one-token chunk, and paged_attention(state=..., append=True): the
+    token is appended by the attention's own launch (eager decode steps; a static cache's compiled decode steps,
+    whose lengths advance on the device). Over steps that evict from the window, cross pages and wrap the ring:
+    the same pages, window and lengths as the twin (which appends, then attends), and bit for bit the output of
+    the Triton append followed by the Triton attention."""
     batch, heads, groups, head_dim, prefix = 2, 2, 4, 64, 29
     steps = PAGE + 3  # from 29 tokens: evictions cross a page boundary, the ring wraps
     pages = math.ceil((prefix + steps) / PAGE)
@@ -142,6 +145,11 @@ def test_decode_attention_appending_in_its_launch_equals_append_then_attention(r
     for pool, wk, wv in caches:
         reference.append_with_window(pool, table, 0, 0, wk, wv, key, value, k_mean, v_mean, 64, rotate_values)
     length, num_paged = prefix, max(0, prefix - ring)
+    states = [torch.tensor([length, num_paged, 0], dtype=torch.int32, device=DEVICE) for _ in caches]
+    # With the lengths on the device the grid is sized by the capacity: 16 splits, of which the first reads the
+    # pages (and appends), the last the window and the chunk.
+    capacity = 16 * triton_kernels.TUNING["decode_block_n"]
+    monkeypatch.setattr(triton_kernels, "_programs_wanted", lambda device: 16 * batch * heads)
     for _ in range(steps):
         key, value = (random_states(batch, heads, 1, head_dim, dtype, outliers=o) for o in (True, False))
         query = random_states(batch, heads * groups, 1, head_dim, dtype, outliers=False)
@@ -149,7 +157,18 @@ def test_decode_attention_appending_in_its_launch_equals_append_then_attention(r
         pages_end = min(new_paged, length)
         window = dict(window_start=pages_end % ring if ring else 0, window_length=length - pages_end)
         outs = []
-        for i, (pool, wk, wv) in enumerate(caches):
+        for i, ((pool, wk, wv), state) in enumerate(zip(caches, states)):
+            impl = reference if i == 0 else triton_kernels
+            if lengths_on_device:  # the lengths from `state`; the grid sized by the capacity
+                args = (query, pool, table, capacity, wk, wv, key, value, None, 0.125, None, None, k_mean,
+                        v_mean, 64, rotate_values)
+                if i == 2:
+                    triton_kernels.append_from_state(pool, table, state, wk, wv, key, value, k_mean, v_mean, 64,
+                                                     rotate_values)
+                    outs.append(triton_kernels.paged_attention(*args, state=state))
+                else:
+                    outs.append(impl.paged_attention(*args, state=state, append=True))
+                continue
             args = (query, pool, table, pages_end, wk, wv, key, value, None, 0.125, None, None, k_mean, v_mean, 64,
                     rotate_values)
             if i == 2:
@@ -157,13 +176,14 @@ def test_decode_attention_appending_in_its_launch_equals_append_then_attention(r
                                                   64, rotate_values)
                 outs.append(triton_kernels.paged_attention(*args, **window))
             else:
-                impl = reference if i == 0 else triton_kernels
                 outs.append(impl.paged_attention(*args, **window, append_from=num_paged))
         length, num_paged = length + 1, new_paged
-        for pool, wk, wv in caches[1:]:
+        for (pool, wk, wv), state in zip(caches[1:], states[1:]):
             assert_same_pages(caches[0][0], pool)
             if ring:
                 assert torch.equal(caches[0][1], wk) and torch.equal(caches[0][2], wv)
+            if lengths_on_device:  # advanced by the last program of the launch; its count back at zero
+                assert state.tolist() == states[0].tolist() == [length, num_paged, 0]
         assert torch.equal(outs[1], outs[2])
         torch.testing.assert_close(outs[1].float(), outs[0].float(), rtol=0.05, atol=0.05)
 

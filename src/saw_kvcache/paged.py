@@ -88,6 +88,7 @@ class PagedKVStore:
             self.free_pages = list(range(self.pool.k_codes.shape[0] - 1, -1, -1))
 
     def _pull_state(self) -> None:
+        self._write_pending()  # a deferred append on the device advances the lengths there
         self._length, self._num_paged = self._state[:2].tolist()
         self._host_stale = False
 
@@ -435,6 +436,9 @@ class PagedKVStore:
         if self._pending is None:
             return
         (key, value, paged, length), self._pending = self._pending, None
+        if paged is None:
+            self._write_pending_on_device(key, value)
+            return
         self.backend.append_with_window(
             self.pool, self.block_table, length, paged, self.window_key, self.window_value, key, value,
             self.key_mean, self.value_mean, self.config.hadamard_block, self.config.rotate_values,
@@ -445,7 +449,9 @@ class PagedKVStore:
     # torch.compile runs (custom ops, no Python number that changes between steps), and eager static steps too.
 
     def append_on_device(self, key: torch.Tensor, value: torch.Tensor) -> None:
-        """append() for a static store that already holds this batch's tokens."""
+        """append() for a static store that already holds this batch's tokens. The next call is attend_on_device
+        of this chunk (the layer's saw_int4 attention), whose launch does the append: it is deferred to that call
+        (anything else that reads or changes the storage first writes it)."""
         self._write_pending()
         n = key.shape[2]
         if (key.shape != (self.batch_size, self.num_heads, n, self.head_dim) or key.dtype != self.dtype
@@ -453,29 +459,40 @@ class PagedKVStore:
                 or value.device != key.device):
             self._check_input(key, value)  # raises with the reason, except for the last one:
             raise ValueError(f"SawInt4Cache layer {self.layer_idx}: keys on {key.device} but values on {value.device}")
-        rest = (self.block_table, self._state, self.window_key, self.window_value, key, value, self.key_mean,
-                self.value_mean, self.config.hadamard_block, self.config.rotate_values)
         if torch.compiler.is_compiling():
             # No host check of the capacity without a sync: a device-side assert instead (generate() checks first).
             torch._assert_async(self._state[0] <= self.max_cache_len - n)
-            torch.ops.saw_kvcache.append_from_state(self.backend.name, *self.pool, *rest)
             self._host_stale = True
-            return
-        if self.length + n > self.max_cache_len:
-            self._raise_capacity(key.shape[0], n)
-        self.backend.append_from_state(self.pool, *rest)
-        self._length += n
-        self._num_paged = max(self._num_paged, self._length - self.config.residual_length)
+        else:
+            if self.length + n > self.max_cache_len:
+                self._raise_capacity(key.shape[0], n)
+            self._length += n
+            self._num_paged = max(self._num_paged, self._length - self.config.residual_length)
+        self._pending = (key, value, None, None)  # no host lengths: `state` on the device does not count it yet
+
+    def _write_pending_on_device(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        rest = (self.block_table, self._state, self.window_key, self.window_value, key, value, self.key_mean,
+                self.value_mean, self.config.hadamard_block, self.config.rotate_values)
+        if torch.compiler.is_compiling():
+            torch.ops.saw_kvcache.append_from_state(self.backend.name, *self.pool, *rest)
+        else:
+            self.backend.append_from_state(self.pool, *rest)
 
     def attend_on_device(self, query, chunk_key, chunk_value, mask, scaling, softcap=None, sinks=None):
-        """attend() right after append_on_device of this chunk."""
+        """attend() right after append_on_device of this chunk: the append and the attention in one call."""
+        pending = self._pending
+        append = pending is not None and pending[2] is None and pending[0] is chunk_key and pending[1] is chunk_value
+        if append:
+            self._pending = None
+        else:
+            self._write_pending()
         cached = (self.window_key, self.window_value, chunk_key, chunk_value, mask, scaling, softcap, sinks,
                   self.key_mean, self.value_mean, self.config.hadamard_block, self.config.rotate_values)
         if torch.compiler.is_compiling():
-            return torch.ops.saw_kvcache.attention_from_state(
-                self.backend.name, query, *self.pool, self.block_table, self._state, self.max_cache_len, *cached)
+            op = torch.ops.saw_kvcache.append_attention_from_state if append else torch.ops.saw_kvcache.attention_from_state
+            return op(self.backend.name, query, *self.pool, self.block_table, self._state, self.max_cache_len, *cached)
         return self.backend.paged_attention(query, self.pool, self.block_table, self.max_cache_len, *cached,
-                                            state=self._state)
+                                            state=self._state, append=append)
 
     def _window(self, start: int, stop: int):
         """Full-precision keys/values of positions [start, stop) (all in the window), in position order."""

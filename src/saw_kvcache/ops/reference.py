@@ -404,6 +404,7 @@ def paged_attention(
     window_length: Optional[int] = None,
     state: Optional[torch.Tensor] = None,
     append_from: Optional[int] = None,
+    append: bool = False,
 ) -> torch.Tensor:
     """Attention of query [B, Hq, nq, D] over, in position order: the INT4 pages (positions [0, num_paged)), the
     full-precision window and the current chunk [B, H, n, D]. Returns [B, nq, Hq, D] in query.dtype.
@@ -417,18 +418,27 @@ def paged_attention(
     The window [B, H, R, D] may be a ring buffer: its tokens, in position order, are slots (window_start + i) % R
     for i < window_length (default: all R slots from slot 0), so a cache passes its ring as it is.
 
-    With `state` (int32 [length, num_paged] on the device, the chunk already counted; see append_from_state)
+    With `state` (int32 [length, num_paged, 0] on the device, the chunk already counted; see append_from_state)
     num_paged, window_start and window_length come from it, num_paged given here is only an upper bound (the
-    Triton launcher sizes its grid by it), and the mask may be longer than the tokens (a static cache's).
+    Triton launcher sizes its grid by it), and the mask may be longer than the tokens (a static cache's). With
+    `append` too, `state` does not count the chunk yet: it is first appended as append_from_state(pool,
+    block_table, state, window_key, window_value, chunk_key, chunk_value, ...) would (the window is the cache's
+    whole ring); the Triton backend does a one-token append in the attention's own launch.
 
     The queries sit at the last nq positions. mask is None (causal) or covers all num_paged + w + n positions.
     Pages are read ATTENTION_CHUNK_TOKENS at a time with an online softmax, so no full-precision copy of the cache
     is ever built. Scores use q·k = rot(q)·rot(k - mean) + q·mean, exactly the model's q·k up to quantization.
     """
     b, hq, nq, d = query.shape
+    if append:
+        if state is None or state.shape != (3,):
+            raise ValueError("paged_attention: append=True reads and advances the lengths in `state`, int32 [length, "
+                             "num_paged, 0]; with lengths on the host, pass append_from")
+        append_from_state(pool, block_table, state, window_key, window_value, chunk_key, chunk_value, key_mean,
+                          value_mean, hadamard_block, rotate_values)
     if append_from is not None:
         if state is not None:
-            raise ValueError("paged_attention: append_from is for lengths on the host; with `state`, use append_from_state")
+            raise ValueError("paged_attention: append_from is for lengths on the host; with `state`, pass append=True")
         length = num_paged
         if window_key is not None:
             length += window_key.shape[2] if window_length is None else window_length

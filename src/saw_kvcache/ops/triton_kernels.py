@@ -310,13 +310,20 @@ def _write_kernel(
                     n, H, HAS_VMEAN, D, P, T, LOG_BLOCK_V, SCALE_V, GATHER_FROM, EVICT, LENGTHS_ON_DEVICE, RING_WRITE,
                     R, True)
     if ADVANCE:
-        tl.debug_barrier()  # every thread's reads of STATE come before this program's ticket
-        programs = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
-        if tl.atomic_add(STATE + 2, 1, sem="acq_rel") == programs - 1:  # every other program has read STATE
-            new_length = tl.load(STATE, volatile=True) + n
-            tl.store(STATE + 1, tl.maximum(tl.load(STATE + 1, volatile=True), new_length - R))
-            tl.store(STATE, new_length)
-            tl.store(STATE + 2, 0)
+        _advance_after_last_program(STATE, n, R)
+
+
+@triton.jit
+def _advance_after_last_program(STATE, n, R: tl.constexpr):
+    """Each program of the launch takes a ticket in STATE[2] after its reads of STATE; the last one moves STATE on to
+    [length + n, max(num_paged, length + n - R), 0], as _advance_state_kernel would, with no launch of its own."""
+    tl.debug_barrier()  # every thread's reads of STATE come before this program's ticket
+    programs = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
+    if tl.atomic_add(STATE + 2, 1, sem="acq_rel") == programs - 1:  # every other program has read STATE
+        new_length = tl.load(STATE, volatile=True) + n
+        tl.store(STATE + 1, tl.maximum(tl.load(STATE + 1, volatile=True), new_length - R))
+        tl.store(STATE, new_length)
+        tl.store(STATE + 2, 0)
 
 
 @triton.jit
@@ -797,29 +804,40 @@ def _attention_kernel(
     after storing their partial results; the last one merges them, writes the output and puts the ticket back to
     zero, so that no second kernel is launched.
 
-    APPEND (one-token chunks, one query block, lengths on the host): the chunk's token is first appended to the
-    cache as _write_kernel's EVICT + RING_WRITE would (the pages held [0, append_from) before; the ring RK/RV,
-    W_R slots, is the window's own buffer, which WK/WV may be a float32 copy of under the CPU interpreter), by the
-    last split's program before it reads anything: a token leaving the window lands in that program's last tile
-    (position num_paged - 1), which no other program reads, and the new token takes the ring slot of the token
-    that left, which the window's range [num_paged, total - 1) excludes. One launch per layer and decode step."""
+    APPEND (one-token chunks, one query block): the chunk's token is first appended to the cache as
+    _write_kernel's EVICT + RING_WRITE would (the pages held [0, append_from) before; the ring RK/RV, W_R slots, is
+    the window's own buffer, which WK/WV may be a float32 copy of under the CPU interpreter), by the program that
+    reads the last page tile, before it reads anything: a token leaving the window lands in that tile (position
+    num_paged - 1), which no other program reads, and the new token takes the ring slot of the token that left,
+    which the window's range [num_paged, total - 1) excludes. One launch per layer and decode step. With
+    STATE_ON_DEVICE, STATE does not count the token yet: the lengths come from it before the append, and the last
+    program to finish advances it (_advance_after_last_program)."""
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     s = tl.program_id(2)
-    if STATE_ON_DEVICE:  # lengths from STATE = [length, num_paged], the chunk (n_raw tokens here) counted
+    if STATE_ON_DEVICE:
+        n_new = n_raw  # the chunk's tokens (n_raw counts the window too when the lengths come from the host)
+    else:
+        n_new = n_raw - n_win
+    if STATE_ON_DEVICE:  # lengths from STATE = [length, num_paged], the chunk counted unless APPEND
         length = tl.load(STATE)
-        past = length - n_raw
-        num_paged = tl.minimum(tl.load(STATE + 1), past)
+        append_from = tl.load(STATE + 1)
+        num_paged = append_from
+        if APPEND:  # the lengths after this launch's append
+            length += n_new
+            num_paged = tl.maximum(num_paged, length - W_R)
+        past = length - n_new
+        num_paged = tl.minimum(num_paged, past)
         n_win = past - num_paged
         win_start = num_paged % ring
-        n_raw = n_win + n_raw
+        n_raw = n_win + n_new
         total = length
         tiles_per_split = tl.cdiv(tl.cdiv(num_paged, BLOCK_N), num_splits)
     b = bh // H
     h = bh % H
     if APPEND:
-        if s == num_splits - 1:
-            n_new = n_raw - n_win
+        last_tile = tl.cdiv(num_paged, BLOCK_N) - 1
+        if s == tl.where(last_tile >= 0, last_tile // tl.maximum(tiles_per_split, 1), num_splits - 1):
             _write_tile(CK, sc_b, sc_h, sc_n, KMEAN, KC, KM, RK, sw_b, sw_h, sw_n, STATE, BT, s_bt, append_from,
                         total - n_new, n_new, H, HAS_KMEAN, D, P, W_T, LOG_BLOCK, SCALE, W_GATHER_FROM, True, False,
                         W_R > 0, W_R, False)
@@ -980,6 +998,8 @@ def _attention_kernel(
                 _finish_and_store(acc, m_i, l_i, SINKS, OUT, b, h, g, qi, row_ok, so_b, so_n, so_h, G, D,
                                   HAS_SINKS)
                 tl.store(TICKETS + bh * num_q_blocks + qb, 0)
+    if APPEND and STATE_ON_DEVICE:
+        _advance_after_last_program(STATE, n_new, W_R)
 
 
 @triton.jit
@@ -1154,14 +1174,19 @@ def _paged_attention(
     window_length: Optional[int] = None,
     state: Optional[torch.Tensor] = None,
     append_from: Optional[int] = None,
+    append: bool = False,
 ) -> torch.Tensor:
     """Same contract as reference.paged_attention (boolean or no mask). The window's ring buffer and the chunk
     are read where they are (no concatenated copy). With `state`, the kernel reads the lengths from it and the
-    grid depends only on the upper bound num_paged (CUDA-graph replays at any length). With `append_from`, a
-    one-token chunk is appended by the attention's own launch (see _attention_kernel's APPEND)."""
+    grid depends only on the upper bound num_paged (CUDA-graph replays at any length). With `append_from` (or
+    `append` and `state`), a one-token chunk is appended by the attention's own launch (see _attention_kernel's
+    APPEND), except where the call would launch one-warp programs, which write a token slowly."""
     b, hq, nq, d = query.shape
     if append_from is not None and state is not None:
-        raise ValueError("paged_attention: append_from is for lengths on the host; with `state`, use append_from_state")
+        raise ValueError("paged_attention: append_from is for lengths on the host; with `state`, pass append=True")
+    if append and (state is None or state.shape != (3,)):
+        raise ValueError("paged_attention: append=True reads and advances the lengths in `state`, int32 [length, "
+                         "num_paged, 0]; with lengths on the host, pass append_from")
     ring_key, ring_value = window_key, window_value
     wk, wv = _same_strides(window_key, window_value)
     ck, cv = _same_strides(chunk_key, chunk_value)
@@ -1199,17 +1224,21 @@ def _paged_attention(
     # A decode step's append goes into the attention's own launch (its ring is the window's buffer, which the
     # kernel indexes with the strides of the window it reads); otherwise it is launched first. Either way the
     # attention sees the cache after the append (the window range it reads is not the ring slot the append fills).
-    fuse_append = (append_from is not None and n_chunk == 1 and nq == 1 and real_pool is not None
+    appends = append_from is not None or append
+    fuse_append = (appends and n_chunk == 1 and nq == 1 and real_pool is not None
                    and (wk is None or wk.stride() == ring_key.stride()))
-    if append_from is not None and not fuse_append:
-        _append(real_pool, block_table, None, num_paged + n_win, append_from, ring_key, ring_value, chunk_key,
+    fit_key = (query.device, d, g, nq, pieces, query.dtype)
+    if fuse_append and append:  # lengths on the device: not if the call would launch one-warp programs
+        fuse_append = not _attention_plan(b, h, g, nq, num_paged, pieces, query.device,
+                                          _BLOCK_N_FITS.get(fit_key, 1 << 30))[-1]
+    if appends and not fuse_append:
+        _append(real_pool, block_table, state, num_paged + n_win, append_from or 0, ring_key, ring_value, chunk_key,
                 chunk_value, key_mean, value_mean, hadamard_block, rotate_values)
     if wk is None:
         wk = wv = query
     if ck is None:
         ck = cv = query
     rk, rv = (ring_key, ring_value) if fuse_append and ring_key is not None else (wk, wv)
-    fit_key = (query.device, d, g, nq, pieces, query.dtype)
     while True:
         block_q, m, q_blocks, block_n, splits, tiles_per_split, narrow = _attention_plan(
             b, h, g, nq, num_paged, pieces, query.device, _BLOCK_N_FITS.get(fit_key, 1 << 30), fuse_append)
