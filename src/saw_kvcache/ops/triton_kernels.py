@@ -815,11 +815,8 @@ def _attention_kernel(
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     s = tl.program_id(2)
-    if STATE_ON_DEVICE:
-        n_new = n_raw  # the chunk's tokens (n_raw counts the window too when the lengths come from the host)
-    else:
-        n_new = n_raw - n_win
-    if STATE_ON_DEVICE:  # lengths from STATE = [length, num_paged], the chunk counted unless APPEND
+    if STATE_ON_DEVICE:  # lengths from STATE = [length, num_paged]: the chunk (n_raw tokens) counted, unless APPEND
+        n_new = n_raw
         length = tl.load(STATE)
         append_from = tl.load(STATE + 1)
         num_paged = append_from
@@ -833,6 +830,8 @@ def _attention_kernel(
         n_raw = n_win + n_new
         total = length
         tiles_per_split = tl.cdiv(tl.cdiv(num_paged, BLOCK_N), num_splits)
+    else:
+        n_new = n_raw - n_win  # the chunk's tokens
     b = bh // H
     h = bh % H
     if APPEND:
