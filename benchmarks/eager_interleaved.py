@@ -9,7 +9,9 @@ generate() does), then crops that cache back by as many tokens, then the same fo
 repeats the same lengths (DynamicCache's cuDNN plans are built in the first round, which is not counted). The
 caches take the first turn in alternate rounds, so that neither always follows the other. Prints
 each cache's median step over the later rounds, their ratio, the spread of the per-round medians, and the ratio
-of the two caches' medians in each round (neighbours in time).
+of the two caches' medians in each round (neighbours in time). Each step is also split, per cache (medians over
+the counted steps): the host's time inside the decoder layers' forwards (hooks on each layer), the time the final
+device sync waits for the GPU, and the rest (embedding, final norm, lm_head, mask, argmax and what lies between).
 """
 
 from __future__ import annotations
@@ -25,6 +27,25 @@ from saw_kvcache import SawInt4Cache
 from saw_kvcache.bench.methods import saw_config_for
 from saw_kvcache.bench.models import build_model, model_config
 from saw_kvcache.integration.compat import cache_kwargs
+
+
+class LayerHostTime:
+    """Forward hooks on each decoder layer: adds up the host's time inside their forwards into `seconds`."""
+
+    def __init__(self, layers):
+        self.seconds, self._entered = 0.0, 0.0
+        self._handles = [h for layer in layers for h in (layer.register_forward_pre_hook(self._enter),
+                                                         layer.register_forward_hook(self._leave))]
+
+    def _enter(self, module, args):
+        self._entered = time.perf_counter()
+
+    def _leave(self, module, args, output):
+        self.seconds += time.perf_counter() - self._entered
+
+    def remove(self):
+        for handle in self._handles:
+            handle.remove()
 
 
 def main() -> None:
@@ -50,23 +71,33 @@ def main() -> None:
             first[name] = model(ids, use_cache=True, **cache_kwargs(cache)).logits[:, -1:].argmax(-1)
         steps = {name: [] for name in caches}
         round_medians = {name: [] for name in caches}
+        parts = {name: {"layers": [], "sync wait": []} for name in caches}
+        in_layers = LayerHostTime(model.model.layers)
         for round_index in range(args.rounds + 1):
             order = list(caches.items())
             for name, (cache, attn) in order if round_index % 2 else order[::-1]:
                 model.set_attn_implementation(attn)
-                token, times = first[name], []
+                token, times, layers, waits = first[name], [], [], []
                 for i in range(args.steps):
                     torch.cuda.synchronize()
+                    in_layers.seconds = 0.0
                     start = time.perf_counter()
                     positions = torch.full((args.batch, 1), args.context + i, device=device)
                     logits = model(token, position_ids=positions, use_cache=True, **cache_kwargs(cache)).logits
                     token = logits[:, -1:].argmax(-1)
+                    issued = time.perf_counter()
                     torch.cuda.synchronize()
-                    times.append(time.perf_counter() - start)
-                cache.crop(args.context)
+                    end = time.perf_counter()
+                    times.append(end - start)
+                    layers.append(in_layers.seconds)
+                    waits.append(end - issued)
+                cache.crop(-args.steps)  # negative: tokens to remove (5.24 refuses the old absolute length)
                 if round_index:  # the first round builds DynamicCache's cuDNN plans and compiles the kernels
                     steps[name] += times
                     round_medians[name].append(statistics.median(times) * 1e3)
+                    parts[name]["layers"] += layers
+                    parts[name]["sync wait"] += waits
+        in_layers.remove()
     print(f"{args.model}, batch {args.batch}, context {args.context}: {args.rounds} rounds of {args.steps} steps per "
           f"cache, interleaved; {torch.cuda.get_device_name()}; torch {torch.__version__}\n")
     print("| cache | median ms/step | per-round medians, min - max |\n|---|---:|---:|")
@@ -74,6 +105,11 @@ def main() -> None:
     for name in caches:
         medians[name] = statistics.median(steps[name]) * 1e3
         print(f"| {name} | {medians[name]:.2f} | {min(round_medians[name]):.2f} - {max(round_medians[name]):.2f} |")
+    print("\n| cache | host in the layers, ms/step | sync wait, ms/step | the rest, ms/step |\n|---|---:|---:|---:|")
+    for name in caches:
+        layers_ms, wait_ms = (statistics.median(parts[name][k]) * 1e3 for k in ("layers", "sync wait"))
+        rest = statistics.median([t - a - w for t, a, w in zip(steps[name], *parts[name].values())]) * 1e3
+        print(f"| {name} | {layers_ms:.2f} | {wait_ms:.2f} | {rest:.2f} |")
     dynamic, saw = medians.values()
     # Rounds next to each other in time share the host's speed: the ratio of each round's two medians.
     per_round = [d / s for d, s in zip(*round_medians.values())]

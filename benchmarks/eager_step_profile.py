@@ -43,8 +43,9 @@ def decode_steps(model, cache, token, position: int, steps: int) -> torch.Tensor
 
 def _pass_start(cache, position: int, warm: bool) -> float:
     """With `warm`, crop the cache back to `position` tokens, so that the next pass repeats the lengths."""
-    if warm:
-        cache.crop(position)
+    extra = cache.get_seq_length() - position
+    if warm and extra > 0:
+        cache.crop(-extra)  # negative: tokens to remove (5.24 refuses the old absolute length)
     return time.perf_counter()
 
 
