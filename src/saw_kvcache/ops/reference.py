@@ -229,6 +229,15 @@ def write_pages(
 # The last element is scratch for the Triton write kernel (zero between calls; attention_lengths ignores it).
 
 
+def check_state(state: Optional[torch.Tensor], caller: str) -> None:
+    """`state` must be the lengths on the device, int32 [length, num_paged, 0]."""
+    if state is None or state.shape != (3,):
+        raise ValueError(f"{caller}: `state` must be int32 [length, num_paged, 0] (the lengths on the device; the last "
+                         "is scratch for the Triton kernels' count of programs), got "
+                         f"{None if state is None else tuple(state.shape)}; with lengths on the host, use "
+                         "append_with_window or paged_attention(append_from=...)")
+
+
 def attention_lengths(state: torch.Tensor, chunk_tokens: int, ring: int) -> tuple[int, int, int]:
     """(num_paged, window_start, window_length) of an attention whose chunk of `chunk_tokens` tokens was already
     appended (state counts it): pages hold [0, min(num_paged, past)), the window the rest of the past."""
@@ -431,9 +440,7 @@ def paged_attention(
     """
     b, hq, nq, d = query.shape
     if append:
-        if state is None or state.shape != (3,):
-            raise ValueError("paged_attention: append=True reads and advances the lengths in `state`, int32 [length, "
-                             "num_paged, 0]; with lengths on the host, pass append_from")
+        check_state(state, "paged_attention(append=True)")
         append_from_state(pool, block_table, state, window_key, window_value, chunk_key, chunk_value, key_mean,
                           value_mean, hadamard_block, rotate_values)
     if append_from is not None:

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import PagedKV, hadamard_scale
+from .reference import PagedKV, check_state, hadamard_scale
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _ROUND_BF16_ON_BITS = tl.constexpr(INTERPRET)
@@ -1183,9 +1183,8 @@ def _paged_attention(
     b, hq, nq, d = query.shape
     if append_from is not None and state is not None:
         raise ValueError("paged_attention: append_from is for lengths on the host; with `state`, pass append=True")
-    if append and (state is None or state.shape != (3,)):
-        raise ValueError("paged_attention: append=True reads and advances the lengths in `state`, int32 [length, "
-                         "num_paged, 0]; with lengths on the host, pass append_from")
+    if append:
+        check_state(state, "paged_attention(append=True)")
     ring_key, ring_value = window_key, window_value
     wk, wv = _same_strides(window_key, window_value)
     ck, cv = _same_strides(chunk_key, chunk_value)
@@ -1394,9 +1393,7 @@ def append_from_state(pool, block_table, state, window_key, window_value, key, v
                       hadamard_block, rotate_values) -> None:
     """Same contract as reference.append_from_state: the evictions, the window ring and the lengths in one launch
     for decode steps (more for longer chunks). The write kernel counts its programs in state[2]."""
-    if state.shape != (3,):
-        raise ValueError("append_from_state: state must be int32 [length, num_paged, 0] (the last for the write "
-                         f"kernel's count of programs), got shape {tuple(state.shape)}")
+    check_state(state, "append_from_state")
     with _on_device(key):
         _append(pool, block_table, state, 0, 0, window_key, window_value, key, value, key_mean, value_mean,
                 hadamard_block, rotate_values)
