@@ -10,10 +10,12 @@
     the scores and the value rotation and mean are undone before the full-precision part. The sequence is split
     over programs (flash-decoding) when queries alone do not fill the GPU; the last split to finish merges the
     splits (a second kernel does under CUDA-graph capture).
-    Keys are never dequantized element by element: scores = scale * (q · codes) + sum(q) * offset, and
-    p @ V = (p * scale) @ codes + p · offset. In decode the codes go to int8 tensor-core dots as they are, and the
-    rotated query and p * scale as int8 pieces (exact int32 products, 2^-16 of each row's range); in prefill,
-    where the softmax's elementwise work dominates, as float16 (the codes as exact float16).
+    Values are never dequantized element by element: p @ V = (p * scale) @ codes + p · offset. In decode neither
+    are keys: scores = scale * (q · codes) + sum(q) * offset, the codes go to int8 tensor-core dots as they are,
+    and the rotated query and p * scale as int8 pieces (exact int32 products, 2^-16 of each row's range). In
+    prefill, where the elementwise work per score dominates, the dots are float16: each step's keys are
+    dequantized to float16 in registers (a thread holds few tokens of K's tile), so that a score is one dot
+    times one number per step, and the value codes are exact float16.
   * dequantize_pages: pages back to the model frame (fallbacks, export, debugging).
 
 No launcher synchronizes with the GPU or reads GPU values on the host; grids depend on host integers only.
@@ -664,6 +666,29 @@ def _nibbles_plus_1024(codes, ASM: tl.constexpr):
 
 
 @triton.jit
+def _nibbles_f16(codes, ASM: tl.constexpr):
+    """(low, high) 4-bit halves of uint8 codes as exact float16. With ASM as _nibbles_plus_1024, except that the
+    high nibbles are masked in place, 1024 + 16 n, and one f16x2 subtraction (low) or fused multiply-add by 1/16 and
+    -64 (high) per register leaves n: 10 instructions per 8 codes instead of 12 with the subtractions."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            "{\n\t.reg .b32 t, c1024, c16th, cm64;\n\t"
+            "mov.b32 c1024, 0x64006400;\n\tmov.b32 c16th, 0x2C002C00;\n\tmov.b32 cm64, 0xD400D400;\n\t"
+            "prmt.b32 t, $4, 0, 0x4140;\n\t"
+            "lop3.b32 $0, t, 0x000F000F, 0x64006400, 0xEA;\n\t"
+            "sub.rn.f16x2 $0, $0, c1024;\n\t"
+            "lop3.b32 $2, t, 0x00F000F0, 0x64006400, 0xEA;\n\t"
+            "fma.rn.f16x2 $2, $2, c16th, cm64;\n\t"
+            "prmt.b32 t, $4, 0, 0x4342;\n\t"
+            "lop3.b32 $1, t, 0x000F000F, 0x64006400, 0xEA;\n\t"
+            "sub.rn.f16x2 $1, $1, c1024;\n\t"
+            "lop3.b32 $3, t, 0x00F000F0, 0x64006400, 0xEA;\n\t"
+            "fma.rn.f16x2 $3, $3, c16th, cm64;\n\t}",
+            "=r,=r,=r,=r,r", [codes], dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+    return (codes & 15).to(tl.float16), (codes >> 4).to(tl.float16)
+
+
+@triton.jit
 def _piece_rows(x, PIECES: tl.constexpr):
     """x [R, C] repeated PIECES times along the rows, [PIECES * R, C], and each row's piece index [PIECES * R, 1].
     A broadcast rather than tl.join keeps each thread's columns contiguous in registers, so that the pieces go to
@@ -706,16 +731,32 @@ def _stack_rounded(x, ty: tl.constexpr, PIECES: tl.constexpr):
     return x.to(ty)
 
 
+# The attention kernel keeps scores, and the running maxima of the online softmax, in log2 units (natural-log
+# logits times log2(e)): exp2 is one instruction, exp a multiplication more.
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+
+
 @triton.jit
-def _online_softmax_step(scores, m_i, l_i):
-    """Returns (p, alpha, m_new, l_new, p_max) for scores [M, N] with -inf for masked entries; p_max is each row's
-    largest p (exp of the step's max minus the running max)."""
-    m_step = tl.max(scores, axis=1)
+def _exp2(x):
+    """2^x in float32; on the GPU one ex2.approx.ftz (Triton's exp2 adds a range check for subnormal results,
+    which softmax weights below 2^-126 do not need)."""
+    if _PTX:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    return tl.exp2(x)
+
+
+@triton.jit
+def _online_softmax_step(scores, m_i, l_i, factor=1.0):
+    """Returns (p, alpha, m_new, l_new, p_max) for scores * factor [M, N] in log2 units (factor > 0, one number)
+    with -inf for masked entries; p_max is each row's largest p (2^(the step's max minus the running max)). The
+    factor costs nothing per score: it joins the subtraction of the maximum in one fused multiply-add."""
+    m_step = tl.max(scores, axis=1) * factor
     m_new = tl.maximum(m_i, m_step)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp(m_i - m_safe)
-    p = tl.exp(scores - m_safe[:, None])
-    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1), tl.exp(m_step - m_safe)
+    alpha = _exp2(m_i - m_safe)
+    p = _exp2(scores * factor - m_safe[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1), _exp2(m_step - m_safe)
 
 
 @triton.jit
@@ -727,8 +768,11 @@ def _cap(scores, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _scale_and_cap(scores, scaling, softcap, HAS_SOFTCAP: tl.constexpr):
-    return _cap(scores * scaling, softcap, HAS_SOFTCAP)
+def _log2_scores(scores, scaling, softcap, HAS_SOFTCAP: tl.constexpr):
+    """Raw dot products to scores in log2 units: scaled, capped (in natural units), times log2(e)."""
+    if HAS_SOFTCAP:
+        return _cap(scores * scaling, softcap, True) * LOG2E
+    return scores * (scaling * LOG2E)
 
 
 @triton.jit
@@ -864,30 +908,36 @@ def _attention_kernel(
     t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
     if t1 > t0:
         q_rot = _rotate_by_dot(q, M, D, BLOCK, LOG_BLOCK, SCALE, ROT_PRECISION)
-        q_sum = tl.sum(q_rot, axis=1)
         if HAS_KMEAN:
             q_bias = tl.sum(q * tl.load(KMEAN + h * D + d)[None, :], axis=1)
         else:
             q_bias = tl.zeros([M], tl.float32)
-        # Integer dots: the 4-bit codes are exact int8, and the rotated query, scaled so that each row's largest
-        # entry is 127, is split into PIECES int8 parts stacked along the rows (error <= 2^-16 of the row's
-        # largest entry for 2 pieces), so one int8 dot per operand gives exact int32 sums of every part.
-        # PIECES == 0 (prefill, where the softmax's elementwise work dominates): float16 dots instead, the rotated
-        # query brought near 2^13 per row by an exact power of two, the codes as exact float16.
+        # Scores in log2 units (exp2 below): the query carries scaling * log2(e) (natural units with a softcap,
+        # which is applied before the conversion). q . mean is the same for every key of a row, which softmax
+        # ignores: it is left out of the scores and added to the row's maximum after the loop (not with a softcap,
+        # which is not a shift).
+        unit = scaling if HAS_SOFTCAP else scaling * LOG2E
+        q_bias = q_bias * unit
         q_amax = tl.max(tl.abs(q_rot), axis=1)
         if PIECES == 0:
-            q_step = _exp2i(_pow2_exponent(q_amax, 13))
-            q_a, q_b = tl.split(tl.reshape((q_rot * (1.0 / q_step)[:, None]).to(tl.float16), (M, D // 2, 2)))
+            # Float16 dots (prefill, where the elementwise work per score dominates): the query brought near 2^13 by
+            # one power of two for all rows (float16 keeps each row's relative precision), each step's keys
+            # dequantized to float16 near 2^14 by one power of two per step (a thread holds few tokens of K's tile,
+            # so the scales cost little there), so that a score is the dot times one number per step.
+            q_step = _exp2i(_pow2_exponent(tl.max(q_amax, axis=0) * unit, 13))
+            q_a, q_b = tl.split(tl.reshape((q_rot * (unit / q_step)).to(tl.float16), (M, D // 2, 2)))
         else:
+            # Integer dots: the 4-bit codes are exact int8, and the rotated query, scaled so that each row's largest
+            # entry is 127, is split into PIECES int8 parts stacked along the rows (error <= 2^-16 of the row's
+            # largest entry for 2 pieces), so one int8 dot per operand gives exact int32 sums of every part. Each
+            # score is q_step * k_scale * dot + q_sum * k_off: the per-row factors carry the unit.
             q_step = tl.where(q_amax > 0, q_amax / 127.0, 1.0)
             q8 = _int8_pieces(q_rot * (1.0 / q_step)[:, None], PIECES)
             q_a, q_b = tl.split(tl.reshape(q8, (PIECES * M, D // 2, 2)))
-        # Each score is (q_step * k_scale * dot + q_sum * k_off + q . mean) * scaling: the per-row factors carry
-        # the scaling, one multiplication fewer per score.
-        q_step = q_step * scaling
-        q_sum = q_sum * scaling
-        q_bias = q_bias * scaling
+            q_step = q_step * unit
+            q_sum = tl.sum(q_rot, axis=1) * unit
         acc = tl.zeros([M, D], tl.float32)
+        acc_unit = tl.full([], 1.0, tl.float32)  # float16 dots: acc holds multiples of this power of two
         off_acc = tl.zeros([M], tl.float32)
         cols = tl.arange(0, BLOCK_N)
         stop = tl.minimum(num_paged, t1 * BLOCK_N)  # this split's last position + 1
@@ -901,40 +951,60 @@ def _attention_kernel(
             k_scale, k_off = tl.split(k_meta.to(tl.float32))
             v_scale, v_off = tl.split(v_meta.to(tl.float32))
             if PIECES == 0:
-                k_lo, k_hi = _nibbles_plus_1024(k_codes, ASM)
-                sc = tl.dot(q_a, tl.trans(k_lo - 1024.0))
-                sc = tl.dot(q_b, tl.trans(k_hi - 1024.0), sc)
+                # The step's largest |key| (|offset| + 15 * scale; slots past `stop` read 0) and value scale.
+                k_top, v_top = tl.split(tl.max(tl.join(tl.abs(k_off) + 15.0 * k_scale, v_scale), axis=0))
+                k_pow = _exp2i(_pow2_exponent(k_top, 14))
+                v_pow = _exp2i(_pow2_exponent(v_top, 14))
+                k_lo, k_hi = _nibbles_f16(k_codes, ASM)
+                k_scale16 = (k_scale * (1.0 / k_pow)).to(tl.float16)[:, None]
+                k_off16 = (k_off * (1.0 / k_pow)).to(tl.float16)[:, None]
+                sc = tl.dot(q_a, tl.trans(k_lo * k_scale16 + k_off16))
+                sc = tl.dot(q_b, tl.trans(k_hi * k_scale16 + k_off16), sc)
+                factor = tl.maximum(q_step * k_pow, 1e-30)  # > 0 (-inf * 0 is NaN), even for a zero query and keys
             else:
                 k_lo, k_hi = _nibbles(k_codes, ASM)
                 sc = tl.dot(q_a, tl.trans(k_lo), out_dtype=tl.int32)
                 sc = _sum_pieces(tl.dot(q_b, tl.trans(k_hi), sc, out_dtype=tl.int32), M, BLOCK_N, PIECES)
-            sc = _cap(sc * q_step[:, None] * k_scale[None, :] + q_sum[:, None] * k_off[None, :] + q_bias[:, None],
-                      softcap, HAS_SOFTCAP)
-            ok = kv_ok[None, :] & row_ok[:, None]
+                sc = sc * q_step[:, None] * k_scale[None, :] + q_sum[:, None] * k_off[None, :]
+                factor = 1.0
+            if HAS_SOFTCAP:
+                sc = _cap(sc * factor + q_bias[:, None], softcap, True) * LOG2E
+                factor = 1.0
             if HAS_MASK:
+                ok = kv_ok[None, :] & row_ok[:, None]
                 ok = ok & (tl.load(MASK + b * sm_b + qi[:, None] * sm_q + pos[None, :], mask=ok, other=0) != 0)
-            sc = tl.where(ok, sc, float("-inf"))
-            p, alpha, m_i, l_i, p_max = _online_softmax_step(sc, m_i, l_i)
-            # p @ (scale * codes) over the step's even tokens and its odd tokens (V's bytes hold token pairs).
-            v_top = tl.max(v_scale, axis=0)
-            if PIECES == 0:  # float16: p * scale brought near 2^14 by one power of two per step
-                v_pow = _exp2i(_pow2_exponent(v_top, 14))
+                sc = tl.where(ok, sc, float("-inf"))
+            elif (tile + 1) * BLOCK_N > num_paged:  # only the last tile holds positions past the pages. (Rows
+                sc = tl.where(kv_ok[None, :], sc, float("-inf"))  # past the queries have q = 0: finite scores.)
+            p, alpha, m_i, l_i, p_max = _online_softmax_step(sc, m_i, l_i, factor)
+            # p @ V = (p * scale) @ codes + p . offset. (V's tile holds few dimensions of many tokens per thread,
+            # p's many tokens of few rows: the scales are cheaper to apply to p.)
+            if PIECES == 0:
                 # V's even and odd tokens interleaved back into token order ([D, BLOCK_N], in registers): p (the
-                # larger tile here) goes to the dot whole.
+                # larger tile here) goes to the dot whole, p * scale as float16 near 2^14 by one power of two per
+                # step. acc is kept in multiples of that power of two (rescaled exactly), so the dot accumulates
+                # into it.
+                # (Subtracting 1024 after the reshape, not in _nibbles_f16: Triton 3.6 fails to compile a join,
+                # reshape and transpose straight into a dot on 16-token pages.)
                 v_even, v_odd = _nibbles_plus_1024(v_codes, ASM)
                 v16 = tl.reshape(tl.join(v_even, v_odd), (D, BLOCK_N)) - 1024.0
-                pv = tl.dot((p * (v_scale * (1.0 / v_pow))[None, :]).to(tl.float16), tl.trans(v16)) * v_pow
-            else:  # p * scale as int8 pieces too: p * scale <= p_max * max(scale)
-                p_top = p_max * v_top
+                acc = tl.dot((p * (v_scale * (1.0 / v_pow))[None, :]).to(tl.float16), tl.trans(v16),
+                             acc * (alpha * (acc_unit / v_pow))[:, None])
+                acc_unit = v_pow
+            else:  # over the step's even tokens and its odd tokens (V's bytes hold token pairs), p * scale as int8
+                # pieces too: p * scale <= p_max * max(scale)
+                p_top = p_max * tl.max(v_scale, axis=0)
                 p_even, p_odd = tl.split(tl.reshape(
                     p * v_scale[None, :] * (127.0 / tl.where(p_top > 0, p_top, 1.0))[:, None], (M, BLOCK_N // 2, 2)))
                 v_even, v_odd = _nibbles(v_codes, ASM)
                 pv = tl.dot(_int8_pieces(p_even, PIECES), tl.trans(v_even), out_dtype=tl.int32)
                 pv = tl.dot(_int8_pieces(p_odd, PIECES), tl.trans(v_odd), pv, out_dtype=tl.int32)
                 pv = _sum_pieces(pv, M, D, PIECES) * (p_top * (1.0 / 127.0))[:, None]
-            acc = acc * alpha[:, None] + pv
+                acc = acc * alpha[:, None] + pv
             off_acc = off_acc * alpha + tl.sum(p * v_off[None, :], axis=1)
-        acc = acc + off_acc[:, None]
+        acc = acc * acc_unit + off_acc[:, None]
+        if not HAS_SOFTCAP:
+            m_i = m_i + q_bias
         # Back to the model's frame: sum p (H v + mean) = H (sum p v) + (sum p) mean.
         if ROTATE_VALUES:
             acc = _rotate_by_dot(acc, M, D, BLOCK, LOG_BLOCK, SCALE, ROT_PRECISION)
@@ -964,7 +1034,7 @@ def _attention_kernel(
             sc = tl.dot(q_dot, tl.trans(k), input_precision=DOT_PRECISION)
             if RAW_PIECES == 2:
                 sc = tl.sum(tl.reshape(sc, (2, M, RAW_BLOCK_N)), axis=0)
-            sc = _scale_and_cap(sc, scaling, softcap, HAS_SOFTCAP)
+            sc = _log2_scores(sc, scaling, softcap, HAS_SOFTCAP)
             pos = raw_start + j
             ok = j_ok[None, :] & row_ok[:, None]
             if HAS_MASK:
@@ -1017,8 +1087,8 @@ def _merge_partials(PART_M, PART_L, PART_ACC, first, num_splits, rows, M: tl.con
         m_s = tl.load(PART_M + part, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
         m_new = tl.maximum(m_i, tl.max(m_s, axis=0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        beta = tl.exp(m_s - m_safe[None, :])
+        alpha = _exp2(m_i - m_safe)
+        beta = _exp2(m_s - m_safe[None, :])
         l_i = l_i * alpha + tl.sum(tl.load(PART_L + part, mask=s_ok, other=0.0, cache_modifier=".cg") * beta, axis=0)
         part_acc = tl.load(PART_ACC + part[:, :, None] * D + d[None, None, :], mask=s_ok[:, :, None], other=0.0,
                            cache_modifier=".cg")
@@ -1031,10 +1101,10 @@ def _merge_partials(PART_M, PART_L, PART_ACC, first, num_splits, rows, M: tl.con
 def _finish_and_store(acc, m_i, l_i, SINKS, OUT, b, h, g, qi, row_ok, so_b, so_n, so_h, G, D: tl.constexpr,
                       HAS_SINKS: tl.constexpr):
     if HAS_SINKS:
-        sink = tl.load(SINKS + h * G + g, mask=row_ok, other=0.0).to(tl.float32)
+        sink = tl.load(SINKS + h * G + g, mask=row_ok, other=0.0).to(tl.float32) * LOG2E  # m_i: log2 units
         m_new = tl.maximum(m_i, sink)
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.exp(sink - m_new)
+        alpha = _exp2(m_i - m_new)
+        l_i = l_i * alpha + _exp2(sink - m_new)
         acc = acc * alpha[:, None]
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
