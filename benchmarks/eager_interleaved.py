@@ -10,13 +10,15 @@ repeats the same lengths (DynamicCache's cuDNN plans are built in the first roun
 caches take the first turn in alternate rounds, so that neither always follows the other. Prints
 each cache's median step over the later rounds, their ratio, the spread of the per-round medians, and the ratio
 of the two caches' medians in each round (neighbours in time). Each step is also split, per cache (medians over
-the counted steps): the host's time inside the decoder layers' forwards (hooks on each layer), the time the final
-device sync waits for the GPU, and the rest (embedding, final norm, lm_head, mask, argmax and what lies between).
+the counted steps): the host's time inside the decoder layers' forwards (hooks on each layer) and, of that, inside
+their attention modules, the time the final device sync waits for the GPU, and the rest (embedding, final norm,
+lm_head, mask, argmax and what lies between); and the garbage collector's runs and their time.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import time
 
@@ -29,13 +31,13 @@ from saw_kvcache.bench.models import build_model, model_config
 from saw_kvcache.integration.compat import cache_kwargs
 
 
-class LayerHostTime:
-    """Forward hooks on each decoder layer: adds up the host's time inside their forwards into `seconds`."""
+class HostTime:
+    """Forward hooks on modules: adds up the host's time inside their forwards into `seconds`."""
 
-    def __init__(self, layers):
+    def __init__(self, modules):
         self.seconds, self._entered = 0.0, 0.0
-        self._handles = [h for layer in layers for h in (layer.register_forward_pre_hook(self._enter),
-                                                         layer.register_forward_hook(self._leave))]
+        self._handles = [h for module in modules for h in (module.register_forward_pre_hook(self._enter),
+                                                           module.register_forward_hook(self._leave))]
 
     def _enter(self, module, args):
         self._entered = time.perf_counter()
@@ -46,6 +48,24 @@ class LayerHostTime:
     def remove(self):
         for handle in self._handles:
             handle.remove()
+
+
+class GarbageCollections:
+    """Counts the garbage collector's runs and the host time they take (gc.callbacks) into `runs` and `seconds`."""
+
+    def __init__(self):
+        self.runs, self.seconds, self._started = 0, 0.0, 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase, info):
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.runs += 1
+            self.seconds += time.perf_counter() - self._started
+
+    def remove(self):
+        gc.callbacks.remove(self._callback)
 
 
 def main() -> None:
@@ -71,16 +91,20 @@ def main() -> None:
             first[name] = model(ids, use_cache=True, **cache_kwargs(cache)).logits[:, -1:].argmax(-1)
         steps = {name: [] for name in caches}
         round_medians = {name: [] for name in caches}
-        parts = {name: {"layers": [], "sync wait": []} for name in caches}
-        in_layers = LayerHostTime(model.model.layers)
+        parts = {name: {"layers": [], "attention modules": [], "sync wait": [], "gc": []} for name in caches}
+        gc_runs = {name: 0 for name in caches}
+        in_layers = HostTime(model.model.layers)
+        in_attention = HostTime(layer.self_attn for layer in model.model.layers)
+        collections = GarbageCollections()
         for round_index in range(args.rounds + 1):
             order = list(caches.items())
             for name, (cache, attn) in order if round_index % 2 else order[::-1]:
                 model.set_attn_implementation(attn)
-                token, times, layers, waits = first[name], [], [], []
+                token, times, layers, attention, waits, gc_times = first[name], [], [], [], [], []
+                runs_before = collections.runs
                 for i in range(args.steps):
                     torch.cuda.synchronize()
-                    in_layers.seconds = 0.0
+                    in_layers.seconds = in_attention.seconds = collections.seconds = 0.0
                     start = time.perf_counter()
                     positions = torch.full((args.batch, 1), args.context + i, device=device)
                     logits = model(token, position_ids=positions, use_cache=True, **cache_kwargs(cache)).logits
@@ -90,14 +114,21 @@ def main() -> None:
                     end = time.perf_counter()
                     times.append(end - start)
                     layers.append(in_layers.seconds)
+                    attention.append(in_attention.seconds)
                     waits.append(end - issued)
+                    gc_times.append(collections.seconds)
                 cache.crop(-args.steps)  # negative: tokens to remove (5.24 refuses the old absolute length)
                 if round_index:  # the first round builds DynamicCache's cuDNN plans and compiles the kernels
                     steps[name] += times
                     round_medians[name].append(statistics.median(times) * 1e3)
                     parts[name]["layers"] += layers
+                    parts[name]["attention modules"] += attention
                     parts[name]["sync wait"] += waits
+                    parts[name]["gc"] += gc_times
+                    gc_runs[name] += collections.runs - runs_before
         in_layers.remove()
+        in_attention.remove()
+        collections.remove()
     print(f"{args.model}, batch {args.batch}, context {args.context}: {args.rounds} rounds of {args.steps} steps per "
           f"cache, interleaved; {torch.cuda.get_device_name()}; torch {torch.__version__}\n")
     print("| cache | median ms/step | per-round medians, min - max |\n|---|---:|---:|")
@@ -105,11 +136,17 @@ def main() -> None:
     for name in caches:
         medians[name] = statistics.median(steps[name]) * 1e3
         print(f"| {name} | {medians[name]:.2f} | {min(round_medians[name]):.2f} - {max(round_medians[name]):.2f} |")
-    print("\n| cache | host in the layers, ms/step | sync wait, ms/step | the rest, ms/step |\n|---|---:|---:|---:|")
+    print("\n| cache | host in the layers | of which in self_attn | sync wait | the rest | garbage collector "
+          "(runs over all counted steps) |\n|---|---:|---:|---:|---:|---:|")
     for name in caches:
-        layers_ms, wait_ms = (statistics.median(parts[name][k]) * 1e3 for k in ("layers", "sync wait"))
-        rest = statistics.median([t - a - w for t, a, w in zip(steps[name], *parts[name].values())]) * 1e3
-        print(f"| {name} | {layers_ms:.2f} | {wait_ms:.2f} | {rest:.2f} |")
+        layers_ms, attention_ms, wait_ms = (statistics.median(parts[name][k]) * 1e3
+                                            for k in ("layers", "attention modules", "sync wait"))
+        rest = statistics.median([t - a - w for t, a, w in zip(steps[name], parts[name]["layers"],
+                                                                parts[name]["sync wait"])]) * 1e3
+        gc_ms = sum(parts[name]["gc"]) * 1e3 / len(steps[name])
+        print(f"| {name} | {layers_ms:.2f} | {attention_ms:.2f} | {wait_ms:.2f} | {rest:.2f} | "
+              f"{gc_ms:.3f} ({gc_runs[name]}) |")
+    print("(ms per step, medians over the counted steps; the garbage collector's column is a mean)")
     dynamic, saw = medians.values()
     # Rounds next to each other in time share the host's speed: the ratio of each round's two medians.
     per_round = [d / s for d, s in zip(*round_medians.values())]
