@@ -85,7 +85,6 @@ TUNING = _Tuning({
     # 7.3). The attention kernel's own append (eager steps) uses the same tile.
     "write_decode": {"tokens": 2, "num_warps": 4},
     "write_butterfly": "gather",  # "gather" (partners in other threads by tl.gather) or "reshape" (split/join)
-    "rotation_precision": "tf32x3",  # of the in-kernel rotation by tl.dot for 16-bit inputs
 })
 
 
@@ -588,36 +587,6 @@ def _dequantize_pages(
 
 
 @triton.jit
-def _sylvester(BLOCK: tl.constexpr):
-    """The +-1 Sylvester Hadamard matrix [BLOCK, BLOCK] built in registers: H[i, j] = (-1)^popcount(i & j)."""
-    i = tl.arange(0, BLOCK)[:, None]
-    j = tl.arange(0, BLOCK)[None, :]
-    x = i & j
-    x = x ^ (x >> 4)  # parity of the 8 low bits (BLOCK <= 256) folded into bit 0
-    x = x ^ (x >> 2)
-    x = x ^ (x >> 1)
-    return 1.0 - 2.0 * (x & 1).to(tl.float32)
-
-
-@triton.jit
-def _rotate_by_dot(x, ROWS: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, LOG_BLOCK: tl.constexpr,
-                   SCALE: tl.constexpr, PRECISION: tl.constexpr):
-    """Block-diagonal Hadamard rotation of a [ROWS, D] float32 tile as one matrix product with the +-1 Sylvester
-    matrix, then * SCALE. Used where bit-exactness is not needed."""
-    # One chain of static branches with one return: the GPU compiler also builds the code after an early return.
-    if BLOCK == 0:
-        y = x
-    elif BLOCK < 16 or ROWS * (D // BLOCK) < 16:  # below tl.dot's smallest tile
-        y = _fwht(x, ROWS, D, LOG_BLOCK, SCALE)
-    elif D == BLOCK:
-        y = tl.dot(x, _sylvester(BLOCK), input_precision=PRECISION) * SCALE
-    else:
-        y = tl.reshape(tl.dot(tl.reshape(x, (ROWS * (D // BLOCK), BLOCK)), _sylvester(BLOCK), input_precision=PRECISION),
-                       (ROWS, D)) * SCALE
-    return y
-
-
-@triton.jit
 def _nibbles(codes, ASM: tl.constexpr):
     """(low, high) 4-bit halves of uint8 codes as int8. With ASM, on 4 bytes per 32-bit register at once (three
     instructions for 8 codes; Triton's own lowering extracts and repacks every byte)."""
@@ -837,7 +806,7 @@ def _attention_kernel(
     BLOCK_N: tl.constexpr, RAW_BLOCK_N: tl.constexpr,
     BLOCK: tl.constexpr, LOG_BLOCK: tl.constexpr, SCALE: tl.constexpr, ROTATE_VALUES: tl.constexpr,
     PIECES: tl.constexpr, ASM: tl.constexpr, CODE_ALIGN: tl.constexpr, META_ALIGN: tl.constexpr,
-    ROT_PRECISION: tl.constexpr, DOT_PRECISION: tl.constexpr, RAW_PIECES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, RAW_PIECES: tl.constexpr,
     HAS_KMEAN: tl.constexpr, HAS_VMEAN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_SINKS: tl.constexpr, SINGLE_SPLIT: tl.constexpr, STATE_ON_DEVICE: tl.constexpr,
     FUSED_MERGE: tl.constexpr, MERGE_CHUNK: tl.constexpr,
@@ -907,7 +876,9 @@ def _attention_kernel(
     t0 = s * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
     if t1 > t0:
-        q_rot = _rotate_by_dot(q, M, D, BLOCK, LOG_BLOCK, SCALE, ROT_PRECISION)
+        # The rotations of the query and of the output by butterfly in registers: a rotation by tl.dot (float32
+        # accuracy takes three) held up to ~115 KB of shared memory, one prefill program per SM.
+        q_rot = _fwht(q, M, D, LOG_BLOCK, SCALE)
         if HAS_KMEAN:
             q_bias = tl.sum(q * tl.load(KMEAN + h * D + d)[None, :], axis=1)
         else:
@@ -1007,7 +978,7 @@ def _attention_kernel(
             m_i = m_i + q_bias
         # Back to the model's frame: sum p (H v + mean) = H (sum p v) + (sum p) mean.
         if ROTATE_VALUES:
-            acc = _rotate_by_dot(acc, M, D, BLOCK, LOG_BLOCK, SCALE, ROT_PRECISION)
+            acc = _fwht(acc, M, D, LOG_BLOCK, SCALE)
         if HAS_VMEAN:
             acc += l_i[:, None] * tl.load(VMEAN + h * D + d)[None, :]
 
@@ -1355,7 +1326,6 @@ def _paged_attention(
                 ROTATE_VALUES=bool(rotate_values and hadamard_block),
                 PIECES=pieces, ASM=TUNING["nibble_asm"] and not INTERPRET, CODE_ALIGN=math.gcd(16, d // 2),
                 META_ALIGN=2 * pool.k_meta.element_size(),
-                ROT_PRECISION=TUNING["rotation_precision"] if sixteen_bit else "ieee",
                 DOT_PRECISION="tf32" if sixteen_bit else "ieee",
                 RAW_PIECES=2 if m < 16 or (sixteen_bit and decode and TUNING["decode_residual_dots"]) else 1,
                 HAS_KMEAN=key_mean is not None, HAS_VMEAN=value_mean is not None, HAS_MASK=mask is not None,
