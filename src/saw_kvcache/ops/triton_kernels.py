@@ -1240,9 +1240,9 @@ def _paged_attention(
     page_size = pool.k_codes.shape[2] if pool is not None else 16
     sixteen_bit = query.dtype != torch.float32
     decode = nq <= TUNING["decode_max_queries"]
-    # int8 pieces (exact products) in decode; float16 dots in prefill, except under the CPU interpreter, whose
-    # 16-bit dots are wrong; 4 pieces (31 bits) for float32 models.
-    pieces = (TUNING["int8_pieces"] if decode else 4 if INTERPRET else 0) if sixteen_bit else 4
+    # int8 pieces (exact products) in decode; float16 dots in prefill (the CPU interpreter multiplies float16 in
+    # float32, as the GPU does; its bfloat16 dots are what is wrong); 4 pieces (31 bits) for float32 models.
+    pieces = (TUNING["int8_pieces"] if decode else 0) if sixteen_bit else 4
     if query.stride(-1) != 1:
         query = query.contiguous()
     out = torch.empty(b, nq, hq, d, dtype=query.dtype, device=query.device)
