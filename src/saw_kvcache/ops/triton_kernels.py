@@ -1256,7 +1256,7 @@ def _paged_attention(
             raise ValueError("the Triton attention takes boolean masks (transformers' sdpa masks); got " + str(mask.dtype))
         mask = mask.expand(b, 1, nq, total if state is None else mask.shape[-1])
         mask_u8 = mask.view(torch.uint8)
-    if INTERPRET:  # the CPU interpreter computes 16-bit dots wrongly: there, dots run in float32
+    if INTERPRET:  # the CPU interpreter computes bfloat16 dots wrongly: the window and chunk dots run in float32
         query = query.float()
         wk, wv, ck, cv = (None if t is None else t.float() for t in (wk, wv, ck, cv))
         sixteen_bit = False
