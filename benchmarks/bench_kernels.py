@@ -140,8 +140,8 @@ def write_us(tokens, block):
     return us
 
 
-def prefill_us(chunk, ctx, baseline=True, repeats=5):
-    """A chunk of `chunk` new tokens over `ctx` earlier tokens: INT4 pages vs BF16 SDPA over ctx + chunk."""
+def int4_prefill_us(chunk, ctx, repeats=5):
+    """A chunk of `chunk` new tokens (causal among themselves) over `ctx` earlier tokens in INT4 pages."""
     q = torch.randn(1, HQ, chunk, D, device="cuda", dtype=DTYPE)
     ck = torch.randn(1, HKV, chunk, D, device="cuda", dtype=DTYPE)
     cv = torch.randn(1, HKV, chunk, D, device="cuda", dtype=DTYPE)
@@ -158,8 +158,12 @@ def prefill_us(chunk, ctx, baseline=True, repeats=5):
     int4 = time_graph(run_int4, layers, repeats=repeats, trials=3 if repeats < 5 else 5)
     del pools
     torch.cuda.empty_cache()
-    if not baseline:
-        return int4, None
+    return int4
+
+
+def sdpa_prefill_us(chunk, ctx):
+    """The same chunk by torch SDPA on BF16 over ctx + chunk tokens (causal, lower right)."""
+    q = torch.randn(1, HQ, chunk, D, device="cuda", dtype=DTYPE)
     layers = layers_for(bf16_kv_bytes(1, ctx + chunk), cap=8)
     ks = [torch.randn(1, HKV, ctx + chunk, D, device="cuda", dtype=DTYPE) for _ in range(layers)]
     vs = [torch.randn(1, HKV, ctx + chunk, D, device="cuda", dtype=DTYPE) for _ in range(layers)]
@@ -169,7 +173,7 @@ def prefill_us(chunk, ctx, baseline=True, repeats=5):
         return torch.nn.functional.scaled_dot_product_attention(q, ks[i], vs[i], attn_mask=bias, enable_gqa=True)
 
     try:
-        return int4, time_graph(run_sdpa_gqa, layers, repeats=5)
+        return time_graph(run_sdpa_gqa, layers, repeats=5)
     except Exception as error:
         print(f"  prefill sdpa with enable_gqa failed ({type(error).__name__}: {str(error)[:100]}); expanding heads")
     # Heads expanded before timing, so the baseline is not charged for the copy.
@@ -179,7 +183,7 @@ def prefill_us(chunk, ctx, baseline=True, repeats=5):
     def run_sdpa(i):
         return torch.nn.functional.scaled_dot_product_attention(q, ks[i], vs[i], attn_mask=bias)
 
-    return int4, time_graph(run_sdpa, layers, repeats=5)
+    return time_graph(run_sdpa, layers, repeats=5)
 
 
 def _best(label, candidates, measure):
@@ -212,6 +216,9 @@ WARPS_SWEEP = [
 ]
 
 
+TUNING_NARROW = dict(triton_kernels.TUNING["narrow"])
+
+
 def sweep(kernels=SWEEPS):
     """Launch settings of each kernel, chosen by time on this GPU (sum over a few representative shapes)."""
     decode_shapes = ((1, 32768), (8, 8192), (32, 8192))
@@ -223,6 +230,18 @@ def sweep(kernels=SWEEPS):
     log = {}
     if "warps" in kernels:
         log["warps"] = _best("decode warps", WARPS_SWEEP, decode_total)
+    if "narrow" in kernels:
+        # From how many (sequence, KV head) pairs decode switches to one-warp programs (8 x 8k has 64, batch 1 has
+        # 8), how many per SM, and their step.
+        def narrow_total():
+            shapes = ((1, 32768), (1, 131072), (8, 8192), (32, 8192))
+            times = [int4_decode_us(b, c) for b, c in shapes]
+            print("    " + " / ".join(f"{b}x{c} {t:.1f}" for (b, c), t in zip(shapes, times)), flush=True)
+            return sum(times)
+        log["narrow"] = _best("decode narrow from", [
+            {"narrow": {**TUNING_NARROW, "from_programs": f, "programs_per_sm": p, "block_n": n}}
+            for f, p, n in ((64, 8, 64), (128, 8, 64), (8, 8, 64), (64, 6, 128))
+        ], narrow_total)
     if "decode" in kernels:
         # Jointly: capping registers (maxnreg) lets more programs share an SM, which only pays with more programs
         # per SM. At 4 warps the kernel takes 208 registers otherwise (2 programs per SM); capped at 168 (72 bytes
@@ -252,7 +271,7 @@ def sweep(kernels=SWEEPS):
         log["prefill"] = _best("prefill", [
             {"prefill_block_n": n, "prefill_rows": r, "prefill": {"num_warps": w, "num_stages": st}}
             for n in (64, 128) for r in (64, 128) for w in (4, 8) for st in (2, 3)
-        ], lambda: prefill_us(4096, 28672, baseline=False, repeats=2)[0])
+        ], lambda: int4_prefill_us(4096, 28672, repeats=2))
     return log
 
 
@@ -301,7 +320,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="two decode shapes only")
     parser.add_argument("--sweep", nargs="?", const=",".join(SWEEPS), default="", metavar="KERNELS",
                         help="first time each kernel over its launch settings and keep the fastest for the table "
-                        "(decode, programs, write, prefill; also 'warps': decode programs of 1, 2 or 4 warps)")
+                        "(decode, programs, write, prefill; also 'warps': decode programs of 1, 2 or 4 warps, and "
+                        "'narrow': from how many programs decode uses programs of one warp)")
     parser.add_argument("--tuning", help="JSON object of TUNING overrides, applied before everything else")
     args = parser.parse_args()
     env = environment()
@@ -340,7 +360,7 @@ def main():
         rows.append({"kernel": "decode step's append", "shape": f"batch {batch}, context 8192", "int4_us": us,
                      "int4_TBps": write_bytes / us / 1e6, "sdpa_bf16_us": None, "speedup": None})
         print(rows[-1], flush=True)
-    int4, sdpa = prefill_us(4096, 28672)
+    int4, sdpa = int4_prefill_us(4096, 28672), sdpa_prefill_us(4096, 28672)
     ideal = int4_kv_bytes(1, 28672) + 4 * 4096 * HKV * D * 2
     rows.append({"kernel": "chunked prefill", "shape": "chunk 4096 over 28672", "int4_us": int4,
                  "int4_TBps": ideal / int4 / 1e6, "sdpa_bf16_us": sdpa,

@@ -13,10 +13,11 @@ step() {  # step NAME SECONDS COMMAND...: run, keep the log, print the tail
     echo "== $name: exit $?"
     grep -E "passed|failed|FAILED|^\|" "$OUT/$name.log" | tail -20
 }
-# Missing from the docs as of 2026-12-01 (third session): the full kernel table at 729790c (docs/performance.md has
-# its prefill and three decode shapes from kernels_ab.py only), and the eager gap's share in the attention modules
-# on a quiet machine. The decode kernel's Nsight Compute profile (last run at 2984e38, docs/kernel_notes.md) is kept
-# here to repeat after changes to the decode kernel.
+# Missing from the docs as of 2026-12-01 (fourth session): a full kernel table at the current commit from a call
+# whose tree has no other variant (docs/performance.md has the one-warp-from-64-pairs table from a call that also
+# carried a reverted prefill variant), and the eager gap's share in the attention modules on a quiet machine. The
+# decode kernel's Nsight Compute profile (last run at 2984e38, docs/kernel_notes.md) is kept here to repeat after
+# changes to the decode kernel.
 step bench_kernels 300 python benchmarks/bench_kernels.py --out "$OUT"
 step eager_interleaved 250 python benchmarks/eager_interleaved.py --batch 1 --rounds 24
 step ncu_decode 200 ncu --clock-control none --section Occupancy --section WarpStateStats --section SchedulerStats \

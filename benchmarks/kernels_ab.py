@@ -6,8 +6,9 @@
 The host and the GPU's clocks drift between calls of the device tool, so a change to a kernel is judged against
 the kernel before it in the same process: the baseline file is imported as a module of `saw_kvcache.ops` (it
 imports that package's `reference`, so it must be a revision whose kernels use the same reference API), and each
-case is timed by `bench_kernels.py`'s functions (CUDA graphs over distinct per-layer buffers) four times,
-alternating baseline and current. Prints each timing, then a table of the medians and their ratio.
+case is timed by `bench_kernels.py`'s functions (CUDA graphs over distinct per-layer buffers) twice, in turn
+with the baseline and with torch SDPA on BF16 for the same shape (the fastest SDPA backend for decode). Prints
+each timing, then a table of the medians of two and their ratios (SDPA / current above 1: faster than SDPA).
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ import bench_kernels  # noqa: E402
 
 from saw_kvcache.ops import triton_kernels  # noqa: E402
 
+# Each case with its torch SDPA (BF16) reference, timed twice in the same run (the fastest SDPA backend for decode).
 CASES = {
-    "prefill": [("prefill 4096 over 28672", lambda: bench_kernels.prefill_us(4096, 28672, baseline=False,
-                                                                            repeats=3)[0])],
-    "decode": [(f"decode {b} x {c}", lambda b=b, c=c: bench_kernels.int4_decode_us(b, c))
+    "prefill": [("prefill 4096 over 28672", lambda: bench_kernels.int4_prefill_us(4096, 28672, repeats=3),
+                 lambda: bench_kernels.sdpa_prefill_us(4096, 28672))],
+    "decode": [(f"decode {b} x {c}", lambda b=b, c=c: bench_kernels.int4_decode_us(b, c),
+                lambda b=b, c=c: min(us for us in bench_kernels.sdpa_decode_us(b, c).values() if us is not None))
                for b, c in ((1, 32768), (8, 8192), (32, 8192))],
 }
 
@@ -46,18 +49,18 @@ def main() -> None:
     kernels = {"baseline": load_baseline(args.baseline), "current": triton_kernels}
     times = {}
     for group in args.cases.split(","):
-        for label, measure in CASES[group]:
-            for name in ("baseline", "current", "baseline", "current"):
-                bench_kernels.triton_kernels = kernels[name]
-                us = measure()
+        for label, measure, reference in CASES[group]:
+            for name in ("baseline", "current", "SDPA", "baseline", "current", "SDPA"):
+                bench_kernels.triton_kernels = kernels.get(name, triton_kernels)
+                us = reference() if name == "SDPA" else measure()
                 times.setdefault(label, {}).setdefault(name, []).append(us)
                 print(f"{label}, {name}: {us:.1f} us", flush=True)
     bench_kernels.triton_kernels = triton_kernels
-    print("\n| case | baseline us | current us | current / baseline |\n|---|---:|---:|---:|")
+    print("\n| case | baseline us | current us | SDPA us | current / baseline | SDPA / current |")
+    print("|---|---:|---:|---:|---:|---:|")
     for label, by_name in times.items():
-        old, new = (statistics.median(by_name[name]) for name in ("baseline", "current"))
-        print(f"| {label} | {old:.1f} | {new:.1f} | {new / old:.3f} |")
-
+        old, new, sdpa = (statistics.median(by_name[name]) for name in ("baseline", "current", "SDPA"))
+        print(f"| {label} | {old:.1f} | {new:.1f} | {sdpa:.1f} | {new / old:.3f} | {sdpa / new:.2f}x |")
 
 if __name__ == "__main__":
     main()

@@ -70,10 +70,10 @@ TUNING = _Tuning({
     "nibble_asm": True,  # split the codes by inline PTX (the CPU interpreter cannot run it: plain ops there)
     "raw_block_n": 64,  # tokens per step of the loop over the full-precision window and chunk
     # Decode calls with at least `from_programs` (sequence, KV head) programs before splitting: programs of one
-    # warp (no barrier between warps in the page loop; 32 x 8k on an H200: 130.0 against 148.5 us) and more of them
-    # per SM, with the window loop's tiles narrowed to fit 8 per SM. Fewer, longer sequences keep 4 warps (1 x 32k:
-    # 31.1 against 38.6 us). docs/kernel_notes.md, `bench_kernels.py --sweep warps`.
-    "narrow": {"from_programs": 128, "num_warps": 1, "block_n": 64, "programs_per_sm": 8, "raw_block_n": 16},
+    # warp (no barrier between warps in the page loop) and more of them per SM, with the window loop's tiles
+    # narrowed to fit 8 per SM. On an H200 (`bench_kernels.py --sweep narrow`): 8 x 8k 44.4 -> 38.0 us at 64
+    # pairs; 1 x 32k (8 pairs) keeps 4 warps (27.5 against 28.5 us). docs/kernel_notes.md.
+    "narrow": {"from_programs": 64, "num_warps": 1, "block_n": 64, "programs_per_sm": 8, "raw_block_n": 16},
     "prefill_block_n": 128,  # the sweep's best on an H200 (docs/kernel_notes.md)
     "prefill_rows": 64,  # query rows (heads x positions) per program when queries are many
     "programs_per_sm": 2,  # the sequence is split until about this many programs per SM are running
