@@ -216,15 +216,11 @@ WARPS_SWEEP = [
 ]
 
 
-TUNING_NARROW = dict(triton_kernels.TUNING["narrow"])
-
-
 def sweep(kernels=SWEEPS):
     """Launch settings of each kernel, chosen by time on this GPU (sum over a few representative shapes)."""
-    decode_shapes = ((1, 32768), (8, 8192), (32, 8192))
-    def decode_total():
-        times = [int4_decode_us(b, c) for b, c in decode_shapes]
-        print("    " + " / ".join(f"{b}x{c} {t:.1f}" for (b, c), t in zip(decode_shapes, times)), flush=True)
+    def decode_total(shapes=((1, 32768), (8, 8192), (32, 8192))):
+        times = [int4_decode_us(b, c) for b, c in shapes]
+        print("    " + " / ".join(f"{b}x{c} {t:.1f}" for (b, c), t in zip(shapes, times)), flush=True)
         return sum(times)
 
     log = {}
@@ -233,15 +229,11 @@ def sweep(kernels=SWEEPS):
     if "narrow" in kernels:
         # From how many (sequence, KV head) pairs decode switches to one-warp programs (8 x 8k has 64, batch 1 has
         # 8), how many per SM, and their step.
-        def narrow_total():
-            shapes = ((1, 32768), (1, 131072), (8, 8192), (32, 8192))
-            times = [int4_decode_us(b, c) for b, c in shapes]
-            print("    " + " / ".join(f"{b}x{c} {t:.1f}" for (b, c), t in zip(shapes, times)), flush=True)
-            return sum(times)
+        narrow = dict(triton_kernels.TUNING["narrow"])
         log["narrow"] = _best("decode narrow from", [
-            {"narrow": {**TUNING_NARROW, "from_programs": f, "programs_per_sm": p, "block_n": n}}
+            {"narrow": {**narrow, "from_programs": f, "programs_per_sm": p, "block_n": n}}
             for f, p, n in ((64, 8, 64), (128, 8, 64), (8, 8, 64), (64, 6, 128))
-        ], narrow_total)
+        ], lambda: decode_total(((1, 32768), (1, 131072), (8, 8192), (32, 8192))))
     if "decode" in kernels:
         # Jointly: capping registers (maxnreg) lets more programs share an SM, which only pays with more programs
         # per SM. At 4 warps the kernel takes 208 registers otherwise (2 programs per SM); capped at 168 (72 bytes

@@ -62,5 +62,6 @@ def main() -> None:
         old, new, sdpa = (statistics.median(by_name[name]) for name in ("baseline", "current", "SDPA"))
         print(f"| {label} | {old:.1f} | {new:.1f} | {sdpa:.1f} | {new / old:.3f} | {sdpa / new:.2f}x |")
 
+
 if __name__ == "__main__":
     main()

@@ -72,7 +72,7 @@ TUNING = _Tuning({
     # Decode calls with at least `from_programs` (sequence, KV head) programs before splitting: programs of one
     # warp (no barrier between warps in the page loop) and more of them per SM, with the window loop's tiles
     # narrowed to fit 8 per SM. On an H200 (`bench_kernels.py --sweep narrow`): 8 x 8k 44.4 -> 38.0 us at 64
-    # pairs; 1 x 32k (8 pairs) keeps 4 warps (27.5 against 28.5 us). docs/kernel_notes.md.
+    # pairs; 1 x 32k (8 pairs) keeps 4 warps (27.2-27.5 against 28.5-28.6 us). docs/kernel_notes.md.
     "narrow": {"from_programs": 64, "num_warps": 1, "block_n": 64, "programs_per_sm": 8, "raw_block_n": 16},
     "prefill_block_n": 128,  # the sweep's best on an H200 (docs/kernel_notes.md)
     "prefill_rows": 64,  # query rows (heads x positions) per program when queries are many
@@ -1256,7 +1256,7 @@ def _paged_attention(
             raise ValueError("the Triton attention takes boolean masks (transformers' sdpa masks); got " + str(mask.dtype))
         mask = mask.expand(b, 1, nq, total if state is None else mask.shape[-1])
         mask_u8 = mask.view(torch.uint8)
-    if INTERPRET:  # the CPU interpreter computes bfloat16 dots wrongly: the window and chunk dots run in float32
+    if INTERPRET:  # the CPU interpreter computes bfloat16 dots wrongly: window and chunk dots run in float32
         query = query.float()
         wk, wv, ck, cv = (None if t is None else t.float() for t in (wk, wv, ck, cv))
         sixteen_bit = False
